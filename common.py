@@ -1,0 +1,751 @@
+# What every method file shares: seeding, data, augmentations, backbone, optimisation, evaluation,
+# checkpoints and logging. Flat on purpose; it imports nothing else from the project, so copying a
+# method file plus this one into another project is enough.
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+
+def die(message):
+    """End a command-line run with one readable line and exit code 2 (bad input, missing data)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_worker(worker_id):
+    # DataLoader gives each worker torch seed = base_seed + worker_id; derive python/numpy from it,
+    # otherwise forked workers would share the parent's python and numpy RNG states.
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments shared by every method file (the block itself is written out in each file)
+# ----------------------------------------------------------------------------------------------
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+ARCHS = ("resnet18", "resnet34", "resnet50", "convnet")
+AUGMENTATIONS = ("symmetric", "asymmetric", "vicreg")
+# Flags a resumed run may change; every other flag comes from the checkpoint, so the run continues
+# exactly as it started.
+RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1, so that a 0 ends in a usage line rather than a traceback."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def resolve_device(name):
+    """'auto' -> cuda when torch sees a GPU, else cpu; a GPU asked for but absent is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} was asked for but torch sees no GPU; use --device cpu")
+    return name
+
+
+def finalize_args(parser, args, method):
+    """Fill the defaults that depend on other flags and check the combination; returns args.
+
+    --dataset synthetic without --arch/--epochs is the quick offline check: the convnet for 20
+    epochs. The warm-up, when not given, is the method's reference value capped at a tenth of the
+    epochs. --resume takes every argument from the checkpoint except RESUME_OVERRIDABLE.
+    """
+    if args.resume:
+        typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
+        refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))
+        if refused:
+            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, "
+                f"--data-dir and --log-every may change, not {', '.join(refused)}")
+        stored = load_checkpoint(args.resume)
+        if stored.get("method") != method or "args" not in stored:
+            die(f"{args.resume} is not a {method}.py training checkpoint "
+                f"(written by {stored.get('method', 'something else')}); resume it with that script")
+        args = SimpleNamespace(**{**stored["args"], **typed, "resume": args.resume})
+    else:
+        quick = args.dataset == "synthetic"
+        args.arch = args.arch or ("convnet" if quick else "resnet18")
+        args.epochs = args.epochs or (20 if quick else 1000)
+        if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
+            args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
+        args.eval_every = args.eval_every or max(1, args.epochs // 10)
+        args.lr = args.base_lr * args.batch_size / 256  # the linear scaling rule
+        args.method = method
+    args.device = resolve_device(args.device)
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        die("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    if args.warmup_epochs > args.epochs:
+        die(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}; "
+            f"pass --warmup-epochs {args.epochs // 10} or fewer")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+# Per-channel mean and std of each training set. `folder` uses ImageNet's; `synthetic` is measured
+# on the generated images.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images held in memory as a uint8 array (N, H, W, 3); yields (transform(PIL image), label)."""
+
+    def __init__(self, images, labels, classes, transform):
+        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def _torchvision_split(name, data_dir, split, transform):
+    """One split of a torchvision dataset, downloaded into data_dir if missing."""
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return cls(data_dir, train=split != "test", transform=transform, download=True)
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+        return torchvision.datasets.STL10(data_dir, split=stl_split, transform=transform, download=True)
+    except Exception as exc:  # offline: URLError, a timeout, a checksum failure...
+        die(f"could not load or download {name} into {os.path.abspath(data_dir)} "
+            f"({type(exc).__name__}). Offline? Put torchvision's {name} files there, or use "
+            f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
+
+
+def _image_folder(data_dir, split, transform):
+    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test."""
+    candidates = ["train"] if split != "test" else ["test", "val"]
+    for sub in candidates:
+        path = os.path.join(data_dir, sub)
+        if os.path.isdir(path):
+            try:
+                return torchvision.datasets.ImageFolder(path, transform=transform)
+            except (FileNotFoundError, RuntimeError) as exc:
+                die(f"{path} holds no images in class folders ({exc}); "
+                    f"expected {path}/<class>/<image>.jpg")
+    die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(candidates))}: "
+        f"--dataset folder expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; "
+        f"set --data-dir")
+
+
+def _folder_image_size(data_dir):
+    """Shorter side of the first training image; images above 64 px are trained at 224."""
+    dataset = _image_folder(data_dir, "train", None)
+    with Image.open(dataset.samples[0][0]) as image:
+        side = min(image.size)
+    return side if side <= 96 else 224
+
+
+def dataset_source(args):
+    """How to get args.dataset: a namespace with make(split, transform) for split in pretrain/train/
+    test, the normalisation mean and std, the crop size and the number of classes."""
+    if args.dataset == "synthetic":
+        train_images, train_labels = make_synthetic_images(args.synthetic_size, seed=0)
+        test_images, test_labels = make_synthetic_images(max(args.synthetic_size // 5, 10), seed=1)
+        pixels = train_images.reshape(-1, 3) / 255.0
+        mean, std = tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+        image_size = args.image_size or NATIVE_SIZE["synthetic"]
+        make = lambda split, transform: (  # noqa: E731
+            ArrayImageDataset(test_images, test_labels, SYNTHETIC_CLASSES, transform) if split == "test"
+            else ArrayImageDataset(train_images, train_labels, SYNTHETIC_CLASSES, transform))
+    elif args.dataset == "folder":
+        mean, std = NORMALIZATION["folder"]
+        image_size = args.image_size or _folder_image_size(args.data_dir)
+        make = lambda split, transform: _image_folder(args.data_dir, split, transform)  # noqa: E731
+    else:
+        mean, std = NORMALIZATION[args.dataset]
+        image_size = args.image_size or NATIVE_SIZE[args.dataset]
+        make = lambda split, transform: _torchvision_split(  # noqa: E731
+            args.dataset, args.data_dir, split, transform)
+    return SimpleNamespace(make=make, mean=mean, std=std, image_size=image_size)
+
+
+def loader_kwargs(args):
+    # Workers are restarted every epoch and seeded from the loader's generator, which
+    # set_data_epoch reseeds: a resumed run draws the same augmentations as an uninterrupted one.
+    return dict(num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
+                worker_init_fn=seed_worker)
+
+
+def build_data(args):
+    """The pretraining loader (two augmented views per image) and clean loaders for evaluation.
+
+    Returns a namespace: train_loader, eval_train_loader, eval_test_loader, num_classes, image_size.
+    """
+    source = dataset_source(args)
+    make, mean, std, image_size = source.make, source.mean, source.std, source.image_size
+    args.image_size = image_size  # stored with the run, so evaluation rebuilds the same stem
+    view1, view2 = augmentation_recipe(args.augmentations, image_size, mean, std)
+    clean = eval_transform(image_size, mean, std)
+    pretrain_set = make("pretrain", TwoViews(view1, view2))
+    eval_train_set, eval_test_set = make("train", clean), make("test", clean)
+    if len(pretrain_set) < args.batch_size:
+        die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
+    num_classes = len(eval_train_set.classes)
+
+    generator = torch.Generator()
+    generator.manual_seed(args.seed)
+    train_loader = torch.utils.data.DataLoader(
+        pretrain_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator,
+        **loader_kwargs(args))
+    eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
+        dataset, batch_size=512, shuffle=False, generator=torch.Generator(), **loader_kwargs(args))  # leaves the global RNG alone
+    return SimpleNamespace(train_loader=train_loader, eval_train_loader=eval_loader(eval_train_set),
+                           eval_test_loader=eval_loader(eval_test_set), num_classes=num_classes,
+                           image_size=image_size, mean=mean, std=std)
+
+
+def set_data_epoch(data, seed, epoch):
+    """Reseed the shuffling so epoch e sees the same order whether or not the run was resumed."""
+    data.train_loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data: an offline, labelled image set for tests and first runs
+# ----------------------------------------------------------------------------------------------
+SYNTHETIC_CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
+                     "concentric rings", "polka dots", "grid lines", "triangles (apex up)",
+                     "zigzag stripes", "random blobs")
+
+
+def _triangle_wave(t):
+    """Triangle wave with period 1 and values in [-1, 1]."""
+    return 4.0 * np.abs(t - np.floor(t + 0.5)) - 1.0
+
+
+def make_synthetic_images(num_images, seed, image_size=32):
+    """Generate a labelled 10-class texture dataset where the class lives in shape/texture.
+
+    Every image is a two-colour pattern (random, independent foreground and background
+    colours) that fills the whole frame, so the class survives heavy crops, colour jitter,
+    grayscale and horizontal flips. Period, phase, small rotation, edge softness, lighting
+    gradient, noise and occluding discs are random per image.
+    Returns images uint8 (N, H, W, 3) and labels int64 (N,), balanced over the 10 classes.
+    """
+    rng = np.random.default_rng(seed)
+    n, s = num_images, image_size
+    labels = np.arange(n, dtype=np.int64) % 10
+    rng.shuffle(labels)
+
+    def u(lo, hi):  # one random value per image, broadcastable to (N, S, S)
+        return rng.uniform(lo, hi, size=(n, 1, 1)).astype(np.float32)
+
+    scale = s / 32.0
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    x, y = xx[None] - u(0, s), yy[None] - u(0, s)           # random origin = random position
+    period = u(4.0, 9.0) * scale                            # texture scale in pixels
+    # Base orientation per class; diagonal stripes pick +-45 deg so the class is flip-invariant.
+    base = np.zeros((n, 1, 1), dtype=np.float32)
+    base[labels[:, None, None] == 2] = rng.choice([-45.0, 45.0], size=(labels == 2).sum())
+    theta = np.deg2rad(base + u(-12, 12))
+    cu = (x * np.cos(theta) + y * np.sin(theta)) / period   # rotated coordinates, in periods
+    cv = (-x * np.sin(theta) + y * np.cos(theta)) / period
+    fu, fv = cu - np.floor(cu), cv - np.floor(cv)           # position inside a lattice cell
+
+    # Signed "distance" to the pattern edge, in periods: > 0 foreground, < 0 background.
+    field = np.zeros((n, s, s), dtype=np.float32)
+    for c in range(10):
+        i = labels == c
+        u_, v_, fu_, fv_ = cu[i], cv[i], fu[i], fv[i]
+        if c in (0, 2):    # horizontal / diagonal stripes
+            f = 0.25 * _triangle_wave(v_)
+        elif c == 1:       # vertical stripes
+            f = 0.25 * _triangle_wave(u_)
+        elif c == 3:       # checkerboard
+            f = 0.25 * _triangle_wave(u_) * _triangle_wave(v_)
+        elif c == 4:       # concentric rings around the random origin
+            f = 0.25 * _triangle_wave(np.sqrt(u_ ** 2 + v_ ** 2))
+        elif c == 5:       # polka dots: a disc in every lattice cell
+            f = u(0.22, 0.35)[i] - np.hypot(fu_ - 0.5, fv_ - 0.5)
+        elif c == 6:       # grid lines (graph paper)
+            f = u(0.08, 0.15)[i] - np.minimum(np.minimum(fu_, 1 - fu_), np.minimum(fv_, 1 - fv_))
+        elif c == 7:       # triangles with the apex at the top (image y grows downwards)
+            f = np.minimum(0.9 - fv_, 0.5 * (fv_ - 0.1) - np.abs(fu_ - 0.5))
+        elif c == 8:       # zigzag lines: horizontal stripes displaced by a triangle wave
+            f = 0.25 * _triangle_wave(v_ + u(0.5, 1.0)[i] * _triangle_wave(u_ * u(0.5, 1.0)[i]))
+        else:              # random blobs: low-pass filtered white noise, thresholded at zero
+            k = np.fft.fftfreq(s)
+            k2 = k[:, None] ** 2 + k[None, :] ** 2
+            spec = np.fft.fft2(rng.standard_normal((i.sum(), s, s)))
+            smooth = np.fft.ifft2(spec * np.exp(-k2 * 2 * period[i] ** 2)).real
+            f = 0.15 * smooth / (smooth.std(axis=(1, 2), keepdims=True) + 1e-8)
+        field[i] = f
+
+    # Soft edges: sharpness in "per period" units; field*period is roughly a distance in pixels.
+    mask = np.clip(0.5 + field * period * u(0.7, 2.0), 0.0, 1.0)[..., None]
+
+    # Independent random colours; re-draw the foreground until its luminance differs enough,
+    # so the pattern survives grayscale conversion.
+    lum_w = np.array([0.299, 0.587, 0.114])
+    bg = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
+    fg = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
+    bad = np.abs((fg - bg) @ lum_w) < 0.25
+    while bad.any():
+        fg[bad] = rng.uniform(0, 1, size=(bad.sum(), 3))
+        bad = np.abs((fg - bg) @ lum_w) < 0.25
+    img = bg[:, None, None, :] * (1 - mask) + fg[:, None, None, :] * mask
+
+    # Nuisances: linear lighting gradient, a few occluding discs, pixel noise.
+    grad_dir = u(0, 2 * np.pi)
+    light = 1.0 + u(0, 0.5) * ((xx * np.cos(grad_dir) + yy * np.sin(grad_dir)) / s - 0.5)
+    img = img * light[..., None]
+    for _ in range(2):
+        occ_on = rng.uniform(size=(n, 1, 1)) < 0.5
+        occ = (np.hypot(xx - u(0, s), yy - u(0, s)) < u(2, 5) * scale) & occ_on
+        img = np.where(occ[..., None], rng.uniform(0, 1, size=(n, 1, 1, 3)).astype(np.float32), img)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * u(0.0, 0.08)[..., None]
+    images = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentations
+# ----------------------------------------------------------------------------------------------
+def view_transform(crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
+                   saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
+                   flip_p=0.5):
+    """One augmented view of a PIL image. Each call draws its own random parameters, so every
+    image in a batch gets its own crop, jitter and flip."""
+    steps = [
+        T.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p),
+        T.RandomGrayscale(p=gray_p),
+    ]
+    if blur_p > 0:  # kernel about 10% of the image side, odd; sigma as in SimCLR
+        kernel_size = 2 * int(0.05 * crop_size) + 1
+        steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [T.RandomHorizontalFlip(p=flip_p), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class TwoViews:
+    """Turns one image into the pair (view1(image), view2(image)), each with its own randomness."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, image):
+        return self.view1(image), self.view2(image)
+
+
+# Per-view settings of the published CIFAR configs (solo-learn). Inputs above 64 px add Gaussian
+# blur: 1.0 / 0.1 for views with different probabilities, 0.5 on both views otherwise.
+AUGMENTATION_RECIPES = {
+    # SimCLR: strong jitter, no blur, no solarisation (solo-learn's 90.74% run)
+    "symmetric": [dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)] * 2,
+    # BYOL, INTL: solarisation on the second view only
+    "asymmetric": [dict(solarize_p=0.0), dict(solarize_p=0.2)],
+    # VICReg: milder crops, solarisation 0.1 on both views
+    "vicreg": [dict(crop_scale=(0.2, 1.0), solarize_p=0.1)] * 2,
+}
+
+
+def augmentation_recipe(name, crop_size, mean, std):
+    """The two view transforms of a named recipe, for images of crop_size pixels."""
+    view1, view2 = (dict(settings) for settings in AUGMENTATION_RECIPES[name])
+    if crop_size > 64:
+        symmetric = view1 == view2
+        view1["blur_p"], view2["blur_p"] = (0.5, 0.5) if symmetric else (1.0, 0.1)
+    return view_transform(crop_size, mean, std, **view1), view_transform(crop_size, mean, std, **view2)
+
+
+def eval_transform(image_size, mean, std):
+    """Clean images for evaluation: resize the shorter side, centre crop, normalise."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone and projection heads
+# ----------------------------------------------------------------------------------------------
+def small_convnet():
+    """Four conv layers, 256 features. For quick CPU checks only: its accuracies say nothing
+    about ResNet results."""
+    def block(c_in, c_out, stride):
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), *block(128, 256, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def build_backbone(arch, image_size):
+    """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim)."""
+    if arch == "convnet":
+        return small_convnet(), 256
+    net = getattr(torchvision.models, arch)(weights=None)
+    if image_size <= 64:  # CIFAR stem: keep the resolution, a 7x7/2 conv and max-pool lose most of 32 px
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features  # 512 for resnet18/34, 2048 for resnet50
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+def projection_mlp(dims, batch_norm=True, hidden_bias=True):
+    """[Linear (-BN) -ReLU] for each hidden width, then a plain Linear: dims = [in, hidden..., out]."""
+    layers = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers.append(nn.Linear(d_in, d_out, bias=hidden_bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(d_out))
+        layers.append(nn.ReLU(inplace=True))
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al., 2017), clipped as in NVIDIA's
+    LARC. For each parameter of a group with lars=True:
+        trust = trust_coefficient * ||w|| / (||g|| + weight_decay * ||w|| + eps)
+        trust = min(trust / lr, 1)                      if clip (the step never exceeds plain SGD's)
+        update = trust * (g + weight_decay * w)         (trust = 1 where ||w|| or ||g|| is 0)
+        buf = momentum * buf + update;   w -= lr * buf
+    Groups with lars=False (biases, norm layers) take plain SGD steps with their own weight decay.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.02,
+                 clip=True, eps=1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
+                        trust_coefficient=trust_coefficient, clip=clip, eps=eps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=weight_decay) if weight_decay else p.grad.clone()
+                if group["lars"]:
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                    trust = group["trust_coefficient"] * w_norm / (g_norm + weight_decay * w_norm + group["eps"])
+                    if group["clip"]:
+                        trust = torch.clamp(trust / lr, max=1.0)
+                    update.mul_(torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0))  # no host sync
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = update
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                p.add_(state["momentum_buffer"], alpha=-lr)
+
+
+def build_optimizer(name, model, lr, weight_decay):
+    """lars: biases and norm parameters (ndim <= 1) get neither weight decay nor trust scaling, as
+    in solo-learn's CIFAR configs. sgd: momentum 0.9, weight decay on every parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    groups = [{"params": [p for p in params if p.ndim > 1]},
+              {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}]
+    return LARS(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, trust_coefficient=0.02)
+
+
+def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0):
+    """Linear warm-up to `peak` over warmup_steps (step 0 takes peak / warmup_steps), then a cosine
+    from peak to `final` at total_steps. `step` counts optimiser steps from 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def autocast(device, precision):
+    """bf16/fp16 autocast for the forward pass; losses are computed in fp32 by the caller."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def optimizer_step(loss, optimizer, scaler):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone, loader, device):
+    """Backbone features of every image in loader, in eval mode: (N, F) float32 and (N,) labels."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(targets)
+    backbone.train(was_training)
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1,
+                weighted=True, chunk_size=1024):
+    """kNN on cosine similarity. weighted: each of the k neighbours votes exp(sim / temperature)
+    for its class (InstDisc, solo-learn); otherwise a plain majority vote (ties: lowest class)."""
+    train_features = F.normalize(train_features, dim=1)
+    k = min(k, len(train_features))
+    predictions = []
+    for chunk in F.normalize(test_features, dim=1).split(chunk_size):
+        similarity = chunk @ train_features.T                          # (C, N_train)
+        top_similarity, top_index = similarity.topk(k, dim=1)          # (C, k)
+        votes = (top_similarity / temperature).exp() if weighted else torch.ones_like(top_similarity)
+        scores = torch.zeros(len(chunk), num_classes, dtype=votes.dtype, device=votes.device)
+        scores.scatter_add_(1, train_labels[top_index], votes)                # (C, classes)
+        predictions.append(scores.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def accuracy(predictions, labels):
+    return (predictions == labels).float().mean().item() * 100
+
+
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
+                 batch_size=256, lr=1e-3, weight_decay=1e-6, seed=0):
+    """A linear classifier trained on frozen, standardised features (Adam, cosine schedule).
+    Returns (top1, top5) test accuracy in %."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
+    classifier = nn.Linear(train_x.shape[1], num_classes)
+    nn.init.zeros_(classifier.weight)  # a convex problem: zero init makes the probe deterministic
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    step = 0
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
+            set_lr(optimizer, warmup_cosine(step, epochs * steps_per_epoch, 0, lr))
+            loss = F.cross_entropy(classifier(train_x[index]), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    with torch.no_grad():
+        top5 = classifier(test_x).topk(min(5, num_classes), dim=1).indices  # (N, 5)
+    top1 = accuracy(top5[:, 0], test_labels)
+    return top1, (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+
+
+def effective_rank(spectrum):
+    """exp of the entropy of a spectrum normalised to sum 1 (Roy & Vetterli 2007; RankMe):
+    k equal values give k, one non-zero value gives 1."""
+    p = spectrum.double().clamp(min=0)
+    p = p / p.sum()
+    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
+    return entropy.exp().item()
+
+
+def embedding_stats(z):
+    """Collapse diagnostics of embeddings z (N, D). erank: RankMe (Garrido et al., 2023), the
+    effective rank of z's singular values. std: the mean per-dimension std of the L2-normalised
+    rows times sqrt(D), about 1 when spread over the sphere and 0 when collapsed to a point
+    (SimSiam's diagnostic)."""
+    z = z.double()
+    std = F.normalize(z, dim=1).std(dim=0).mean().item() * math.sqrt(z.shape[1])
+    return {"erank": effective_rank(torch.linalg.svdvals(z)), "std": std}
+
+
+def evaluate(model, data, device, linear=False):
+    """kNN (k=200 weighted, and 5-NN) on clean features, collapse diagnostics of the representation
+    and of the projector output, and optionally the linear probe."""
+    train_features, train_labels = extract_features(model["backbone"], data.eval_train_loader, device)
+    test_features, test_labels = extract_features(model["backbone"], data.eval_test_loader, device)
+    knn = lambda **kw: accuracy(knn_predict(  # noqa: E731
+        train_features, train_labels, test_features, data.num_classes, **kw), test_labels)
+    results = {"knn_top1": knn(k=200, temperature=0.1), "knn5_top1": knn(k=5, weighted=False)}
+    projector, was_training = model["projector"], model["projector"].training
+    with torch.no_grad():  # projector output of the cached clean features, (N, D)
+        z = torch.cat([projector.eval()(h.to(device)).float().cpu() for h in train_features.split(4096)])
+    projector.train(was_training)
+    for name, values in (("rep", train_features), ("proj", z)):
+        stats = embedding_stats(values)
+        results[f"{name}_erank"], results[f"{name}_std"] = stats["erank"], stats["std"]
+    if linear:
+        results["linear_top1"], results["linear_top5"] = linear_probe(
+            train_features, train_labels, test_features, test_labels, data.num_classes)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logging
+# ----------------------------------------------------------------------------------------------
+def prepare_run_dir(args):
+    """runs/<run_name>/ with args.json; a resumed run keeps writing into its own folder."""
+    if args.resume:
+        return os.path.dirname(os.path.abspath(args.resume))
+    name = args.run_name or f"{args.method}-{args.dataset}-{args.arch}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = os.path.join(args.out_dir, name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+    return run_dir
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scaler, epoch, global_step, args):
+    """Everything needed to continue: epoch counts completed epochs."""
+    atomic_save({"method": args.method, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step,
+                 "args": vars(args), "rng": rng_states()}, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        die(f"could not read {path}: it is corrupt or not a checkpoint of this project ({type(exc).__name__})")
+    if not isinstance(state, dict):
+        die(f"{path} is not a checkpoint of this project")
+    return state
+
+
+def resume(path, model, optimizer, scaler):
+    """Restore a run in place; returns (completed epochs, global step)."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+    print(f"resumed {path} at epoch {state['epoch']}, step {state['global_step']}")
+    return state["epoch"], state["global_step"]
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class RunLogger:
+    """Progress lines on stdout and one JSON line per record in run_dir/metrics.jsonl.
+
+    train_step is called every optimiser step but only reads the loss terms (a host sync) every
+    log_every steps; images/s and the ETA are measured over that window, not the whole run.
+    """
+
+    def __init__(self, run_dir, args, steps_per_epoch):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.args, self.steps_per_epoch = args, steps_per_epoch
+        self.total_steps = args.epochs * steps_per_epoch
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train_step(self, epoch, global_step, terms, lr):
+        self.window_steps += 1
+        if global_step % self.args.log_every and global_step != self.total_steps:
+            return
+        values = {name: value.item() for name, value in terms.items()}  # host sync, once a window
+        if not all(math.isfinite(v) for v in values.values()):
+            die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
+                f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")
+        elapsed = time.perf_counter() - self.window_start
+        images_per_s = self.window_steps * self.args.batch_size / elapsed
+        eta = (self.total_steps - global_step) * elapsed / self.window_steps
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.write({"type": "train", "epoch": epoch + 1, "step": global_step, **values, "lr": lr,
+                    "images_per_s": images_per_s})
+        in_epoch = global_step - epoch * self.steps_per_epoch
+        terms_text = " ".join(f"{name} {value:.4f}" for name, value in values.items())
+        print(f"epoch {epoch + 1}/{self.args.epochs} step {in_epoch}/{self.steps_per_epoch} | {terms_text} | "
+              f"lr {lr:.3g} | {images_per_s:.0f} img/s | eta {format_duration(eta)}", flush=True)
+
+    def evaluation(self, epoch, global_step, results):
+        self.write({"type": "eval", "epoch": epoch + 1, "step": global_step, **results})
+        print(f"eval epoch {epoch + 1}: " + " | ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+
+    def exclude(self, seconds):
+        """Leave time spent outside training steps (evaluation, checkpoints) out of images/s."""
+        self.window_start += seconds
+
+
+def end_of_epoch(run_dir, model, optimizer, scaler, epoch, global_step, args, data, device, log):
+    """Checkpoint (and after the last epoch backbone.pt), then evaluate every --eval-every epochs
+    and at the end, with the linear probe at the end. Returns the evaluation, or None."""
+    started, last, results = time.perf_counter(), epoch + 1 == args.epochs, None
+    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, scaler, epoch + 1, global_step, args)
+    if last:
+        atomic_save(model["backbone"].state_dict(), os.path.join(run_dir, "backbone.pt"))
+    if (epoch + 1) % args.eval_every == 0 or last:
+        results = evaluate(model, data, device, linear=last)
+        log.evaluation(epoch, global_step, results)
+    if last:
+        print(f"done: {run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
+    log.exclude(time.perf_counter() - started)
+    return results

@@ -1,0 +1,517 @@
+"""Tests: losses against independent NumPy re-derivations and analytic values, the shared machinery
+(augmentations, LARS, schedule, kNN, checkpoints, data errors), and every script run end to end as a
+subprocess on tiny synthetic data. Run with `pytest -q`; `pytest -q -m slow` runs the longer checks."""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import urllib.error
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import common
+import simclr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*argv, cwd):
+    """Run a project script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, argv[0]), *argv[1:]], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+TINY_RUN = ["--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "64", "--epochs", "2",
+            "--warmup-epochs", "1", "--num-workers", "0", "--log-every", "1", "--device", "cpu"]
+
+
+# ----------------------------------------------------------------------------------------------
+# SimCLR's NT-Xent
+# ----------------------------------------------------------------------------------------------
+def nt_xent_numpy(z1, z2, temperature):
+    """Eq. (1) of the SimCLR paper with explicit loops over anchors and candidates."""
+    z = np.concatenate([z1, z2])
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    n2 = len(z)
+    losses = []
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        denominator = sum(math.exp(z[i] @ z[k] / temperature) for k in range(n2) if k != i)
+        losses.append(-math.log(math.exp(z[i] @ z[j] / temperature) / denominator))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("n,d", [(2, 3), (8, 16), (32, 128)])
+def test_nt_xent_matches_numpy_loops(n, d, temperature):
+    rng = np.random.default_rng(n * d)
+    z1, z2 = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    loss = simclr.nt_xent_loss(torch.from_numpy(z1), torch.from_numpy(z2), temperature)
+    assert loss.shape == ()
+    assert loss.item() == pytest.approx(nt_xent_numpy(z1, z2, temperature), rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [2, 5, 64])
+def test_nt_xent_collinear_embeddings_give_log_2n_minus_1(n):
+    # every similarity is 1, so each anchor's positive is one of 2N - 1 equal terms
+    direction = torch.randn(1, 7, dtype=torch.float64)
+    scales = torch.rand(n, 1, dtype=torch.float64) + 0.5
+    loss = simclr.nt_xent_loss(direction * scales, direction * scales.flip(0), temperature=0.2)
+    assert loss.item() == pytest.approx(math.log(2 * n - 1), rel=1e-9)
+
+
+def test_nt_xent_invariances_and_fp32_stability():
+    z1, z2 = torch.randn(16, 32), torch.randn(16, 32)
+    loss = simclr.nt_xent_loss(z1, z2)
+    assert simclr.nt_xent_loss(z2, z1).item() == pytest.approx(loss.item(), rel=1e-6)           # view swap
+    assert simclr.nt_xent_loss(3 * z1, 0.1 * z2).item() == pytest.approx(loss.item(), rel=1e-5)  # scale
+    perm = torch.randperm(16)
+    assert simclr.nt_xent_loss(z1[perm], z2[perm]).item() == pytest.approx(loss.item(), rel=1e-5)
+    # a tiny temperature would overflow a naive exp; log-sum-exp keeps the loss finite
+    assert torch.isfinite(simclr.nt_xent_loss(z1, z2, temperature=1e-3))
+    # matched views give a lower loss than unrelated ones
+    assert simclr.nt_xent_loss(z1, z1 + 0.01 * torch.randn(16, 32)) < loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentations
+# ----------------------------------------------------------------------------------------------
+def test_every_image_in_a_batch_gets_its_own_views():
+    image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    view1, view2 = common.augmentation_recipe("symmetric", 32, (0.5,) * 3, (0.25,) * 3)
+    dataset = common.ArrayImageDataset(np.stack([image] * 8), np.zeros(8), ["a"], common.TwoViews(view1, view2))
+    (x1, x2), _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
+    assert x1.shape == x2.shape == (8, 3, 32, 32)
+    # eight copies of one image: all sixteen views differ from each other
+    views = torch.cat([x1, x2]).flatten(1)
+    distances = torch.cdist(views, views) + torch.eye(16) * 1e9
+    assert distances.min() > 1e-3
+
+
+def test_recipes_match_the_published_configs():
+    def settings(name, size):
+        return [{type(t).__name__: t for t in view.transforms} for view in
+                common.augmentation_recipe(name, size, (0.5,) * 3, (0.25,) * 3)]
+
+    symmetric = settings("symmetric", 32)
+    jitter = symmetric[0]["RandomApply"].transforms[0]
+    assert [jitter.brightness, jitter.saturation, jitter.hue] == [pytest.approx((0.2, 1.8)), pytest.approx((0.2, 1.8)),
+                                                                 pytest.approx((-0.2, 0.2))]
+    assert jitter.contrast == pytest.approx((0.2, 1.8))
+    assert symmetric[0]["RandomApply"].p == 0.8 and symmetric[0]["RandomGrayscale"].p == 0.2
+    assert symmetric[0]["RandomHorizontalFlip"].p == 0.5
+    assert symmetric[0]["RandomResizedCrop"].interpolation == common.T.InterpolationMode.BICUBIC
+    assert symmetric[0]["RandomResizedCrop"].scale == (0.08, 1.0)
+    assert "RandomSolarize" not in symmetric[0]
+    asymmetric = settings("asymmetric", 32)
+    assert "RandomSolarize" not in asymmetric[0] and asymmetric[1]["RandomSolarize"].p == 0.2
+    for view in asymmetric + settings("vicreg", 32):
+        jitter = view["RandomApply"].transforms[0]
+        assert [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue] == [
+            pytest.approx((0.6, 1.4)), pytest.approx((0.6, 1.4)), pytest.approx((0.8, 1.2)), pytest.approx((-0.1, 0.1))]
+        assert view["RandomApply"].p == 0.8 and view["RandomGrayscale"].p == 0.2 and view["RandomHorizontalFlip"].p == 0.5
+    vicreg = settings("vicreg", 32)
+    assert vicreg[0]["RandomResizedCrop"].scale == (0.2, 1.0)
+    assert vicreg[0]["RandomSolarize"].p == vicreg[1]["RandomSolarize"].p == 0.1
+    # 96 px and up add Gaussian blur: 1.0 / 0.1 on the asymmetric pair, 0.5 on symmetric views
+    def blur_p(name):
+        return [[t.p for t in view.transforms if type(t).__name__ == "RandomApply"
+                 and type(t.transforms[0]).__name__ == "GaussianBlur"]
+                for view in common.augmentation_recipe(name, 96, (0.5,) * 3, (0.25,) * 3)]
+    assert blur_p("asymmetric") == [[1.0], [0.1]] and blur_p("symmetric") == blur_p("vicreg") == [[0.5], [0.5]]
+    assert "GaussianBlur" not in str(common.augmentation_recipe("asymmetric", 32, (0.5,) * 3, (0.25,) * 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone and heads
+# ----------------------------------------------------------------------------------------------
+def test_backbones_have_the_cifar_stem_below_64_px_and_report_their_width():
+    net, dim = common.build_backbone("resnet18", 32)
+    assert dim == 512 and net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    net, dim = common.build_backbone("resnet18", 224)
+    assert net.conv1.kernel_size == (7, 7) and dim == 512
+    assert common.build_backbone("resnet50", 32)[1] == 2048
+    net, dim = common.build_backbone("convnet", 32)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, dim) == (2, 256)
+
+
+def test_projection_mlp_layout():
+    plain = common.projection_mlp([512, 2048, 256], batch_norm=False)
+    assert [type(m).__name__ for m in plain] == ["Linear", "ReLU", "Linear"]
+    assert (plain[0].in_features, plain[0].out_features, plain[2].out_features) == (512, 2048, 256)
+    deep = common.projection_mlp([512, 2048, 2048, 2048], hidden_bias=False)
+    assert [type(m).__name__ for m in deep] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]
+    assert deep[0].bias is None and deep[-1].bias is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------
+def test_lars_step_matches_hand_computation():
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))   # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    optimizer = common.LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}],
+                            lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.02)
+    w.grad = torch.tensor([0.6, 0.8], dtype=torch.float64)           # ||g|| = 1
+    b.grad = torch.tensor([2.0], dtype=torch.float64)
+    optimizer.step()
+    # trust = 0.02 * 5 / (1 + 0.1 * 5) = 1/15; clipped: min(trust / 0.5, 1) = 2/15
+    # update = 2/15 * (g + 0.1 w) = 2/15 * (0.9, 1.2) = (0.12, 0.16); w -= 0.5 * update
+    assert w.tolist() == pytest.approx([2.94, 3.92], abs=1e-8)     # eps = 1e-8 in the denominator
+    assert b.tolist() == pytest.approx([0.0], abs=1e-12)              # plain SGD, no decay: 1 - 0.5 * 2
+    # second step: momentum buffer = 0.9 * old update + new update
+    w.grad = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    w_norm = math.hypot(2.94, 3.92)
+    trust = min(0.02 * w_norm / (1 + 0.1 * w_norm) / 0.5, 1.0)
+    update = [trust * (0.6 + 0.1 * 2.94), trust * (0.8 + 0.1 * 3.92)]
+    buffer = [0.9 * 0.12 + update[0], 0.9 * 0.16 + update[1]]
+    b.grad = None
+    optimizer.step()
+    assert w.tolist() == pytest.approx([2.94 - 0.5 * buffer[0], 3.92 - 0.5 * buffer[1]], abs=1e-8)
+
+
+def test_lars_clipping_falls_back_to_sgd_for_large_trust_ratios():
+    # a tiny gradient makes the trust ratio huge; clipping caps the step at plain SGD's
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    optimizer = common.LARS([w], lr=0.1, momentum=0.0, weight_decay=0.0)
+    w.grad = torch.tensor([1e-4, 0.0], dtype=torch.float64)
+    optimizer.step()
+    assert w.tolist() == pytest.approx([3.0 - 0.1 * 1e-4, 4.0], abs=1e-15)
+
+
+def test_build_optimizer_excludes_biases_and_norms_from_lars_and_decay():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    lars = common.build_optimizer("lars", model, lr=0.1, weight_decay=1e-5)
+    scaled, excluded = lars.param_groups
+    assert scaled["lars"] and scaled["weight_decay"] == 1e-5 and all(p.ndim == 2 for p in scaled["params"])
+    assert not excluded["lars"] and excluded["weight_decay"] == 0.0 and len(excluded["params"]) == 4
+    sgd = common.build_optimizer("sgd", model, lr=0.1, weight_decay=1e-4)
+    assert len(sgd.param_groups) == 1 and sgd.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_warmup_cosine_hand_values():
+    lr = lambda step, final=0.0: common.warmup_cosine(step, 110, 10, 2.0, final)  # noqa: E731
+    assert [lr(s) for s in (0, 4, 9)] == pytest.approx([0.2, 1.0, 2.0])
+    assert lr(10) == pytest.approx(2.0)                  # cosine starts at the peak
+    assert lr(60) == pytest.approx(1.0)                  # half way: (peak + final) / 2
+    assert lr(60, final=0.2) == pytest.approx(1.1)
+    assert lr(35) == pytest.approx(1.0 + math.cos(math.pi / 4))
+    assert lr(110) == pytest.approx(0.0, abs=1e-12) and lr(110, final=0.2) == pytest.approx(0.2)
+
+
+def test_base_lr_is_scaled_by_batch_over_256():
+    args = simclr.parse_args(["--dataset", "synthetic", "--batch-size", "512", "--base-lr", "0.3"])
+    assert args.lr == pytest.approx(0.6)
+    assert (args.arch, args.epochs, args.warmup_epochs, args.eval_every) == ("convnet", 20, 2, 2)
+    args = simclr.parse_args(["--dataset", "cifar10"])
+    assert (args.arch, args.epochs, args.warmup_epochs, args.lr, args.weight_decay) == ("resnet18", 1000, 10, 0.4, 1e-5)
+    assert (args.optimizer, args.augmentations, args.temperature, args.final_lr_ratio) == ("lars", "symmetric", 0.2, 0.0)
+    # the reference warm-up is capped at a tenth of a short run; an explicit one longer than the run is an error
+    assert simclr.parse_args(["--epochs", "5"]).warmup_epochs == 0
+    with pytest.raises(SystemExit):
+        simclr.parse_args(["--epochs", "5", "--warmup-epochs", "6"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def knn_numpy(train, train_labels, test, num_classes, k, temperature, weighted=True):
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    predictions = []
+    for query in test:
+        similarity = train @ query
+        nearest = np.argsort(-similarity)[:k]
+        scores = np.zeros(num_classes)
+        for index in nearest:
+            scores[train_labels[index]] += math.exp(similarity[index] / temperature) if weighted else 1.0
+        predictions.append(int(np.argmax(scores)))
+    return np.array(predictions)
+
+
+@pytest.mark.parametrize("k,temperature,weighted", [(20, 0.1, True), (200, 0.1, True), (7, 0.5, True), (5, 1.0, False)])
+def test_knn_matches_numpy(k, temperature, weighted):
+    rng = np.random.default_rng(k)
+    train, test = rng.normal(size=(400, 16)), rng.normal(size=(60, 16))
+    labels = rng.integers(0, 5, size=400)
+    expected = knn_numpy(train, labels, test, 5, k=k, temperature=temperature, weighted=weighted)
+    got = common.knn_predict(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), 5,
+                             k=k, temperature=temperature, weighted=weighted, chunk_size=16)
+    assert got.tolist() == expected.tolist()
+
+
+def separable_features(n_per_class=40, num_classes=4, dim=8, seed=0):
+    """Clusters around orthogonal directions: linearly and kNN separable."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.eye(dim)[:num_classes] * 5
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centers[labels] + 0.3 * torch.randn(len(labels), dim, generator=g), labels
+
+
+def test_knn_and_linear_probe_are_perfect_on_separable_features():
+    train, train_labels = separable_features(seed=0)
+    test, test_labels = separable_features(seed=1)
+    for k, weighted in ((200, True), (5, False)):
+        predictions = common.knn_predict(train, train_labels, test, 4, k=k, weighted=weighted)
+        assert common.accuracy(predictions, test_labels) == 100.0
+    top1, top5 = common.linear_probe(train, train_labels, test, test_labels, 4, epochs=100, batch_size=16)
+    assert (top1, top5) == (100.0, 100.0)
+    # labels shuffled away from the features: the probe can no longer be right everywhere
+    shuffled = train_labels[torch.randperm(160, generator=torch.Generator().manual_seed(0))]
+    top1, _ = common.linear_probe(train, shuffled, test, test_labels, 4, epochs=100, batch_size=16)
+    assert top1 < 60
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_effective_rank_of_k_equal_eigenvalues_is_k(k):
+    assert common.effective_rank(torch.tensor([2.5] * k + [0.0] * 5)) == pytest.approx(k)
+
+
+def test_effective_rank_of_an_uneven_spectrum_and_rankme_on_singular_values():
+    # p = (2/3, 1/3): H = ln 3 - (2/3) ln 2
+    assert common.effective_rank(torch.tensor([1.0, 0.5])) == pytest.approx(math.exp(math.log(3) - 2 / 3 * math.log(2)))
+    # RankMe uses the singular values of the embedding matrix (not the covariance eigenvalues)
+    u, _ = torch.linalg.qr(torch.randn(100, 3, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(8, 3, dtype=torch.float64))
+    sigma = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    z = u @ torch.diag(sigma) @ v.T                                    # (100, 8), singular values 3, 2, 1
+    p = sigma / sigma.sum()
+    assert common.embedding_stats(z)["erank"] == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+
+
+def test_embedding_stats_tell_collapse_from_spread():
+    spread = common.embedding_stats(torch.randn(4000, 16))
+    assert spread["erank"] == pytest.approx(16, rel=0.02) and spread["std"] == pytest.approx(1.0, rel=0.05)
+    line = torch.randn(4000, 1) * torch.randn(1, 16) + 1e-4 * torch.randn(4000, 16)  # rank one
+    assert common.embedding_stats(line)["erank"] < 1.05
+    point = torch.randn(1, 16) + 1e-4 * torch.randn(4000, 16)                          # collapsed to a point
+    assert common.embedding_stats(point)["std"] < 0.01
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_images_are_deterministic_balanced_and_seeded():
+    images, labels = common.make_synthetic_images(200, seed=3)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [20] * 10
+    again, again_labels = common.make_synthetic_images(200, seed=3)
+    assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
+    other, _ = common.make_synthetic_images(200, seed=4)
+    assert not np.array_equal(images, other)
+    assert images.std() > 20  # not a blank canvas
+
+
+def test_missing_folder_ends_with_one_line_and_exit_2(tmp_path, capsys):
+    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path / "nowhere"), image_size=None)
+    with pytest.raises(SystemExit) as exit_info:
+        common.dataset_source(args)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "--data-dir" in message and "train" in message
+
+
+def test_failed_download_says_what_to_do(tmp_path, capsys):
+    args = SimpleNamespace(dataset="cifar10", data_dir=str(tmp_path), image_size=None)
+    offline = mock.patch("torchvision.datasets.CIFAR10", side_effect=urllib.error.URLError("no network"))
+    with offline, pytest.raises(SystemExit) as exit_info:
+        common.dataset_source(args).make("train", None)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "--dataset synthetic" in message and "URLError" in message
+
+
+def test_folder_dataset_reads_imagefolder_layout(tmp_path):
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            os.makedirs(tmp_path / split / name)
+            for i in range(3):
+                Image.new("RGB", (40, 48), (i * 40, 0, 0)).save(tmp_path / split / name / f"{i}.png")
+    source = common.dataset_source(SimpleNamespace(dataset="folder", data_dir=str(tmp_path), image_size=None))
+    assert source.image_size == 40  # shorter side of the first image
+    test = source.make("test", common.eval_transform(40, source.mean, source.std))  # falls back to val/
+    assert len(test) == 6 and test.classes == ["cat", "dog"] and test[0][0].shape == (3, 40, 40)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"backbone": nn.Linear(4, 3), "projector": nn.Linear(3, 2)})
+    optimizer = common.build_optimizer("lars", model, lr=0.1, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model["projector"](model["backbone"](torch.randn(8, 4))).sum().backward()
+    optimizer.step()
+    args = SimpleNamespace(method="simclr", epochs=3)
+    path = str(tmp_path / "checkpoint.pt")
+    common.save_checkpoint(path, model, optimizer, scaler, epoch=2, global_step=17, args=args)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]       # the temporary file was renamed away
+    expected_next_random = (torch.rand(3), np.random.rand(), random.random())
+
+    fresh = nn.ModuleDict({"backbone": nn.Linear(4, 3), "projector": nn.Linear(3, 2)})
+    fresh_optimizer = common.build_optimizer("lars", fresh, lr=0.1, weight_decay=1e-4)
+    assert common.resume(path, fresh, fresh_optimizer, scaler) == (2, 17)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    buffers = [s["momentum_buffer"] for s in fresh_optimizer.state.values()]
+    assert len(buffers) == 4 and all(torch.equal(a["momentum_buffer"], b) for a, b in
+                                     zip(optimizer.state.values(), buffers))
+    next_random = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(next_random[0], expected_next_random[0]) and next_random[1:] == expected_next_random[1:]
+
+
+def test_corrupt_or_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"not a checkpoint")
+    for bad in (str(path), str(tmp_path / "missing.pt")):
+        with pytest.raises(SystemExit) as exit_info:
+            common.load_checkpoint(bad)
+        assert exit_info.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_images_per_second_is_windowed_and_leaves_out_evaluation(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    args = SimpleNamespace(epochs=1, batch_size=10, log_every=2)
+    log = common.RunLogger(str(tmp_path), args, steps_per_epoch=6)
+    loss = {"loss": torch.tensor(1.0)}
+    for step, seconds in enumerate([1.0, 1.0, 0.25, 0.25], start=1):   # two windows: slow, then fast
+        clock[0] += seconds
+        log.train_step(0, step, loss, lr=0.1)
+    log.exclude(100.0)                                                   # an evaluation
+    clock[0] += 100.0 + 0.5
+    log.train_step(0, 5, loss, lr=0.1)
+    clock[0] += 0.5
+    log.train_step(0, 6, loss, lr=0.1)
+    rates = [json.loads(line)["images_per_s"] for line in open(tmp_path / "metrics.jsonl")]
+    assert rates == pytest.approx([10.0, 40.0, 20.0])
+    with pytest.raises(SystemExit):                                      # a NaN loss stops the run
+        log.train_step(0, 6, {"loss": torch.tensor(float("nan"))}, lr=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scripts, end to end
+# ----------------------------------------------------------------------------------------------
+def test_every_flag_has_help():
+    captured = {}
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        simclr.parse_args([])
+    actions = [a for a in captured["parser"]._actions if a.dest != "help"]
+    assert len(actions) > 20
+    assert all(a.help and not a.help.startswith("(default") for a in actions), [a.dest for a in actions if not a.help]
+
+
+def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
+    result = run_script("simclr.py", *TINY_RUN, "--run-name", "tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert sorted(os.listdir(run_dir)) == ["args.json", "backbone.pt", "checkpoint.pt", "metrics.jsonl"]
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 9))          # 256 // 64 = 4 steps x 2 epochs
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)
+    assert train[0]["lr"] == pytest.approx(0.4 * 64 / 256 / 4)      # warm-up: a quarter of the peak
+    assert [r["epoch"] for r in evals] == [1, 2] and 0 <= evals[-1]["knn_top1"] <= 100
+    assert "linear_top1" in evals[-1] and evals[-1]["proj_erank"] >= 1
+    assert json.load(open(run_dir / "args.json"))["lr"] == pytest.approx(0.1)
+
+    for name in ("checkpoint.pt", "backbone.pt"):
+        result = run_script("eval_linear.py", "--checkpoint", str(run_dir / name), "--epochs", "5",
+                            "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        results = json.load(open(run_dir / "linear_eval.json"))
+        assert results["knn_top1"] == pytest.approx(evals[-1]["knn_top1"])  # same features, same kNN
+        assert 0 <= results["linear_top1"] <= results["linear_top5"] <= 100
+
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--random-init",
+                        "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    baseline = json.load(open(run_dir / "linear_eval_random_init.json"))
+    assert baseline["random_init"] and not json.load(open(run_dir / "linear_eval.json"))["random_init"]
+
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--augment",
+                        "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(run_dir / "linear_eval_augmented.json"))["protocol"] == "augmented"
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch, workers):
+    monkeypatch.chdir(tmp_path)
+    common_args = TINY_RUN + ["--arch", "convnet", "--num-workers", workers]
+    simclr.main(simclr.parse_args(common_args + ["--run-name", "straight"]))
+
+    real_end_of_epoch = simclr.end_of_epoch
+
+    def interrupt_after_first_epoch(*args, **kwargs):
+        real_end_of_epoch(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with mock.patch.object(simclr, "end_of_epoch", interrupt_after_first_epoch), pytest.raises(KeyboardInterrupt):
+        simclr.main(simclr.parse_args(common_args + ["--run-name", "interrupted"]))
+    assert torch.load("runs/interrupted/checkpoint.pt", weights_only=True)["epoch"] == 1
+    simclr.main(simclr.parse_args(["--resume", "runs/interrupted/checkpoint.pt", "--num-workers", workers]))
+
+    straight = torch.load("runs/straight/checkpoint.pt", weights_only=True)
+    resumed = torch.load("runs/interrupted/checkpoint.pt", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2 and resumed["global_step"] == 8
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    simclr.main(simclr.parse_args(TINY_RUN + ["--epochs", "1", "--warmup-epochs", "0", "--run-name", "a",
+                                              "--data-dir", "somewhere", "--eval-every", "5"]))
+    args = simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--log-every", "3"])
+    assert (args.data_dir, args.log_every, args.synthetic_size, args.epochs) == ("somewhere", 3, 256, 1)
+    assert args.image_size == 32  # resolved when the run started
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--epochs", "9"])
+    assert "not --epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        simclr.parse_args(["--resume", "runs/a/backbone.pt"])        # a bare state dict is not resumable
+
+
+def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
+    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: no image folder")
+    (tmp_path / "bad.pt").write_bytes(b"\0" * 10)
+    for script in ("simclr.py", "eval_linear.py"):
+        flag = "--resume" if script == "simclr.py" else "--checkpoint"
+        result = run_script(script, flag, str(tmp_path / "bad.pt"), cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "corrupt" in result.stderr
+
+
+@pytest.mark.slow
+def test_simclr_learns_on_synthetic(tmp_path):
+    """The README's offline command: kNN accuracy well above the random-init backbone's."""
+    result = run_script("simclr.py", "--dataset", "synthetic", "--run-name", "learn", "--eval-every", "1000",
+                        "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    final = [json.loads(line) for line in open(tmp_path / "runs/learn/metrics.jsonl")][-1]
+    result = run_script("eval_linear.py", "--checkpoint", "runs/learn/checkpoint.pt", "--random-init", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    baseline = json.load(open(tmp_path / "runs/learn/linear_eval_random_init.json"))
+    assert final["knn_top1"] > baseline["knn_top1"] + 15, (final, baseline)
