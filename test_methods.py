@@ -515,3 +515,9 @@ def test_simclr_learns_on_synthetic(tmp_path):
     assert result.returncode == 0, result.stderr
     baseline = json.load(open(tmp_path / "runs/learn/linear_eval_random_init.json"))
     assert final["knn_top1"] > baseline["knn_top1"] + 15, (final, baseline)
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = open(os.path.join(HERE, "README.md")).read(), open(os.path.join(HERE, ".ci", "run")).read()
+    command = "pip install -r requirements.txt && pytest -q"
+    assert command in readme and command in ci.splitlines()
