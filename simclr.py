@@ -2,7 +2,7 @@
 """Contrast two augmented views of each image against every other image in the batch (NT-Xent).
 
 Usage:
-    python simclr.py --dataset synthetic                 # offline check: convnet, 40 epochs, 2 CPU cores, ~16 min
+    python simclr.py --dataset synthetic                 # offline check: convnet, 40 epochs, 2 CPU cores, 12-16 min
     python simclr.py --dataset cifar10                   # reference recipe: 1000 epochs, one GPU
     python simclr.py --dataset folder --data-dir DIR     # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python simclr.py --resume runs/NAME/checkpoint.pt    # continue a run where it stopped

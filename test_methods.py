@@ -505,8 +505,6 @@ def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open: the 40-epoch quick check is measured on one seed only "
-                                        "(README, Results); this is the check that must pass once confirmed")
 def test_simclr_learns_on_synthetic(tmp_path):
     """The README's offline command: kNN accuracy well above the random-init backbone's."""
     result = run_script("simclr.py", "--dataset", "synthetic", "--run-name", "learn", "--eval-every", "1000",
