@@ -74,8 +74,9 @@ def finalize_args(parser, args, method):
     """Fill the defaults that depend on other flags and check the combination; returns args.
 
     --dataset synthetic without --arch/--epochs is the quick offline check: the convnet for 40
-    epochs (at 20, learning has often not started before the learning rate decays). The warm-up, when not given, is the method's reference value capped at a tenth of the
-    epochs. --resume takes every argument from the checkpoint except RESUME_OVERRIDABLE.
+    epochs (at 20, learning had often not started before the learning rate decayed). The warm-up,
+    when not given, is the method's reference value capped at a tenth of the epochs. --resume
+    takes every argument from the checkpoint except RESUME_OVERRIDABLE.
     """
     if args.resume:
         typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
