@@ -708,11 +708,15 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def due(self, global_step):
+        """Whether train_step(global_step) will log: every log_every steps and at the last step."""
+        return global_step % self.args.log_every == 0 or global_step == self.total_steps
+
     def train_step(self, epoch, global_step, terms, lr):
         self.window_steps += 1
-        if global_step % self.args.log_every and global_step != self.total_steps:
+        if not self.due(global_step):
             return
-        values = {name: value.item() for name, value in terms.items()}  # host sync, once a window
+        values = {name: float(value) for name, value in terms.items()}  # tensors: a host sync, once a window
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
                 f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")

@@ -125,12 +125,13 @@ def main(args):
                 h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
                 z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
             loss = nt_xent_loss(z1.float(), z2.float(), args.temperature)
+            terms = {"loss": loss}                                               # logged every --log-every steps
 
-            # TRY NOT TO MODIFY: optimiser step, logging, evaluation, checkpoint
+            # TRY NOT TO MODIFY: optimiser step, logging
             optimizer_step(loss, optimizer, scaler)
             global_step += 1
-            log.train_step(epoch, global_step, {"loss": loss}, lr)
-        # checkpoint.pt every epoch; kNN every --eval-every epochs; backbone.pt and linear probe at the end
+            log.train_step(epoch, global_step, terms, lr)
+        # TRY NOT TO MODIFY: checkpoint.pt every epoch, kNN every --eval-every, backbone.pt + linear probe at the end
         end_of_epoch(run_dir, model, optimizer, scaler, epoch, global_step, args, data, device, log)
 
 

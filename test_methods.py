@@ -18,8 +18,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+import byol
 import common
+import intl
 import simclr
+import vicreg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,6 +83,231 @@ def test_nt_xent_invariances_and_fp32_stability():
     assert torch.isfinite(simclr.nt_xent_loss(z1, z2, temperature=1e-3))
     # matched views give a lower loss than unrelated ones
     assert simclr.nt_xent_loss(z1, z1 + 0.01 * torch.randn(16, 32)) < loss
+
+
+# ----------------------------------------------------------------------------------------------
+# BYOL
+# ----------------------------------------------------------------------------------------------
+def byol_numpy(p, z):
+    """2 - 2 cos(p_i, z_i), one sample at a time, averaged."""
+    return float(np.mean([2 - 2 * (p[i] @ z[i]) / (np.linalg.norm(p[i]) * np.linalg.norm(z[i])) for i in range(len(p))]))
+
+
+@pytest.mark.parametrize("n,d", [(1, 2), (8, 16), (64, 256)])
+def test_byol_loss_matches_numpy(n, d):
+    rng = np.random.default_rng(n + d)
+    p, z = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    loss = byol.byol_loss(torch.from_numpy(p), torch.from_numpy(z))
+    assert loss.shape == () and loss.item() == pytest.approx(byol_numpy(p, z), rel=1e-12)
+
+
+def test_byol_loss_analytic_values_and_stop_gradient():
+    z = torch.randn(10, 32, dtype=torch.float64)
+    scales = torch.rand(10, 1, dtype=torch.float64) + 0.1
+    assert byol.byol_loss(z * scales, z).item() == pytest.approx(0.0, abs=1e-12)   # p parallel to z
+    assert byol.byol_loss(-z * scales, z).item() == pytest.approx(4.0, abs=1e-12)  # p = -z
+    q = torch.randn(10, 32, dtype=torch.float64)                                    # orthogonal to z
+    q = q - (q * z).sum(1, keepdim=True) / (z * z).sum(1, keepdim=True) * z
+    assert byol.byol_loss(q, z).item() == pytest.approx(2.0, abs=1e-12)
+    p, z = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    byol.byol_loss(p, z).backward()
+    assert z.grad is None and p.grad.abs().sum() > 0                                # gradient reaches p only
+
+
+def test_ema_update_copies_at_tau_0_freezes_at_tau_1_and_interpolates_between():
+    online, target = nn.Linear(5, 3), nn.Linear(5, 3)
+    online_params = [p.detach().clone() for p in online.parameters()]
+    start = [p.detach().clone() for p in target.parameters()]
+    byol.ema_update(target, online, tau=1.0)
+    assert all(torch.equal(t, s) for t, s in zip(target.parameters(), start))
+    byol.ema_update(target, online, tau=0.9)
+    for t, s, o in zip(target.parameters(), start, online_params):
+        torch.testing.assert_close(t.detach(), 0.9 * s + 0.1 * o, rtol=0, atol=1e-7)
+    byol.ema_update(target, online, tau=0.0)
+    assert all(torch.equal(t, o) for t, o in zip(target.parameters(), online_params))
+    assert all(p.grad is None for p in online.parameters())
+
+
+def test_target_tau_follows_the_cosine_from_tau_base_to_one():
+    assert byol.target_tau(0, 1000, 0.99) == pytest.approx(0.99)
+    assert byol.target_tau(500, 1000, 0.99) == pytest.approx(0.995)
+    assert byol.target_tau(1000, 1000, 0.99) == pytest.approx(1.0)
+    taus = [byol.target_tau(k, 100, 0.996) for k in range(101)]
+    assert all(a < b for a, b in zip(taus, taus[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# VICReg
+# ----------------------------------------------------------------------------------------------
+def vicreg_official(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """facebookresearch/vicreg's VICReg.forward on one GPU, restated in NumPy, with its off_diagonal
+    (flatten, drop the last entry, view as (n-1, n+1), drop the first column)."""
+    n, d = x.shape
+
+    def off_diagonal(m):
+        return m.flatten()[:-1].reshape(d - 1, d + 1)[:, 1:].flatten()
+
+    repr_loss = np.mean((x - y) ** 2)
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    std_x, std_y = np.sqrt(x.var(axis=0, ddof=1) + 0.0001), np.sqrt(y.var(axis=0, ddof=1) + 0.0001)
+    std_loss = np.mean(np.maximum(0, 1 - std_x)) / 2 + np.mean(np.maximum(0, 1 - std_y)) / 2
+    cov_x, cov_y = x.T @ x / (n - 1), y.T @ y / (n - 1)
+    cov_loss = (off_diagonal(cov_x) ** 2).sum() / d + (off_diagonal(cov_y) ** 2).sum() / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss, (repr_loss, std_loss, cov_loss)
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (16, 8), (64, 256), (256, 64)])
+@pytest.mark.parametrize("coeffs", [(25.0, 25.0, 1.0), (1.0, 0.5, 3.0)])
+def test_vicreg_loss_equals_the_official_formula(n, d, coeffs):
+    rng = np.random.default_rng(n * d)
+    z1, z2 = rng.normal(size=(n, d)) * rng.uniform(0.1, 2, size=d), rng.normal(size=(n, d))
+    loss, terms = vicreg.vicreg_loss(torch.from_numpy(z1), torch.from_numpy(z2), *coeffs)
+    expected, (inv, var, cov) = vicreg_official(z1, z2, *coeffs)
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    assert (terms["invariance"].item(), terms["variance"].item(), terms["covariance"].item()) == \
+        pytest.approx((inv, var, cov), rel=1e-10)
+
+
+def test_vicreg_loss_analytic_values():
+    # equal views with decorrelated unit-variance dimensions: every term is zero
+    q = torch.randn(64, 8, dtype=torch.float64)
+    q, _ = torch.linalg.qr(q - q.mean(dim=0))                          # orthonormal, centred columns
+    z = q * math.sqrt(63) * 1.5                                         # Var = 2.25 per dimension, C diagonal
+    loss, terms = vicreg.vicreg_loss(z, z.clone())
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    # both views collapsed to one point: std = sqrt(1e-4) = 0.01 in every dimension, C = 0
+    point = torch.randn(1, 8, dtype=torch.float64).expand(64, 8)
+    loss, terms = vicreg.vicreg_loss(point, point)
+    assert terms["variance"].item() == pytest.approx(0.99) and loss.item() == pytest.approx(25 * 0.99)
+    # rank one: Var = 1 in every dimension (no variance penalty), C = all ones, so c = (D^2 - D) / D each
+    line = torch.randn(64, 1, dtype=torch.float64)
+    line = (line - line.mean()) / line.std()
+    loss, terms = vicreg.vicreg_loss(line.expand(64, 8), line.expand(64, 8))
+    assert terms["covariance"].item() == pytest.approx(2 * 7, rel=1e-9) and terms["variance"].item() == 0
+
+
+def test_off_diagonal_sum_equals_the_masked_sum():
+    m = torch.randn(7, 7, dtype=torch.float64)
+    mask = ~torch.eye(7, dtype=torch.bool)
+    assert vicreg.off_diagonal_squared_sum(m).item() == pytest.approx(m[mask].pow(2).sum().item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# INTL
+# ----------------------------------------------------------------------------------------------
+def iter_norm_numpy(z, iters, axis):
+    """The IterNorm recipe of the INTL issue with explicit loops: centre, covariance, Newton steps."""
+    z = np.asarray(z, dtype=np.float64)
+    if axis == 0:
+        x = np.array([row - row.mean() for row in z])
+        m = x.shape[1] - 1
+        sigma = np.array([[x[i] @ x[j] / m for j in range(len(x))] for i in range(len(x))])
+    else:
+        x = z - z.mean(axis=0)
+        sigma = np.array([[x[:, i] @ x[:, j] / (len(x) - 1) for j in range(x.shape[1])] for i in range(x.shape[1])])
+    trace = np.trace(sigma)
+    p = np.eye(len(sigma))
+    for _ in range(iters):
+        p = 1.5 * p - 0.5 * np.linalg.matrix_power(p, 3) @ (sigma / trace)
+    w = p / np.sqrt(trace)
+    return w @ x if axis == 0 else x @ w
+
+
+def trace_loss_numpy(z_hat, axis):
+    rows = z_hat if axis == 0 else z_hat.T
+    return sum((1 - np.var(row, ddof=1)) ** 2 for row in rows)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("n,d,iters", [(4, 6, 1), (8, 16, 4), (32, 12, 4), (16, 64, 7)])
+def test_iter_norm_and_trace_loss_match_numpy(n, d, iters, axis):
+    rng = np.random.default_rng(n * d + axis)
+    z = rng.normal(size=(n, d)) * rng.uniform(0.2, 3, size=d) + rng.normal(size=d)
+    z_hat = intl.iter_norm(torch.from_numpy(z), iters, axis)
+    expected = iter_norm_numpy(z, iters, axis)
+    assert z_hat.shape == (n, d)
+    np.testing.assert_allclose(z_hat.numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert intl.trace_loss(z_hat, axis).item() == pytest.approx(trace_loss_numpy(expected, axis), rel=1e-9)
+
+
+@pytest.mark.parametrize("c", [0.3, 4.0])
+def test_iter_norm_of_an_isotropic_batch_is_the_input_at_unit_trace_times_the_newton_scalar(c):
+    # rows centred over the features and orthogonal: Sigma = c I (N x N), so Sigma_N = I / N, every
+    # P_k = p_k I with p_k = 1.5 p_(k-1) - 0.5 p_(k-1)^3 / N, and the output is p_T X / sqrt(tr Sigma)
+    n, d = 8, 20
+    a = torch.randn(d, n, dtype=torch.float64)
+    a = a - a.mean(dim=0)                                               # columns orthogonal to ones
+    q, _ = torch.linalg.qr(a)
+    x = q.T * math.sqrt(c * (d - 1))                                    # (N, D), X X^T / (D - 1) = c I
+    shifted = x + torch.randn(n, 1, dtype=torch.float64)               # a per-sample offset is centred away
+    p = 1.0
+    for _ in range(4):
+        p = 1.5 * p - 0.5 * p ** 3 / n
+    z_hat = intl.iter_norm(shifted, iters=4, axis=0)
+    torch.testing.assert_close(z_hat, p * x / math.sqrt(c * n), rtol=1e-10, atol=1e-10)
+    # every row variance is p_T^2 / N: TL = N (1 - p_T^2 / N)^2
+    assert intl.trace_loss(z_hat).item() == pytest.approx(n * (1 - p ** 2 / n) ** 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_iter_norm_approaches_the_identity_covariance_as_iterations_grow(axis):
+    # well conditioned: eigenvalues of Sigma between 1 and 3
+    n, d = (8, 64) if axis == 0 else (256, 8)
+    size = n if axis == 0 else d
+    u, _ = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64))
+    base = torch.randn(n, d, dtype=torch.float64)
+    z = (u @ torch.diag(torch.linspace(1, 3, size, dtype=torch.float64).sqrt()) @ u.T @ base) if axis == 0 \
+        else base @ u @ torch.diag(torch.linspace(1, 3, size, dtype=torch.float64).sqrt())
+    errors = []
+    for iters in (1, 2, 4, 8, 16):  # far beyond, rounding errors grow: Newton's uncoupled iteration is unstable
+        z_hat = intl.iter_norm(z, iters, axis)
+        x = z_hat - z_hat.mean(dim=1 if axis == 0 else 0, keepdim=True)
+        cov = x @ x.T / (d - 1) if axis == 0 else x.T @ x / (n - 1)
+        errors.append(torch.linalg.matrix_norm(cov - torch.eye(size, dtype=torch.float64)).item())
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 1e-6 and errors[0] > 0.5, errors
+
+
+def test_iter_norm_passes_gradients_through_the_whitening_matrix():
+    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    for axis in (0, 1):
+        assert torch.autograd.gradcheck(lambda t: intl.iter_norm(t, 3, axis), (z,))
+
+
+def test_intl_loss_matches_numpy_and_uses_the_authors_beta():
+    rng = np.random.default_rng(0)
+    for n, d, axis in [(16, 32, 0), (32, 16, 1), (256, 64, 0)]:
+        z1, z2 = rng.normal(size=(n, d)), rng.normal(size=(n, d))
+        h1, h2 = iter_norm_numpy(z1, 4, axis), iter_norm_numpy(z2, 4, axis)
+        cosine = np.sum(h1 * h2, axis=1) / np.linalg.norm(h1, axis=1) / np.linalg.norm(h2, axis=1)
+        beta = 0.01 * (math.log2(n if axis == 0 else d) - 3)
+        expected = 2 - 2 * cosine.mean() + beta * (trace_loss_numpy(h1, axis) + trace_loss_numpy(h2, axis))
+        loss, terms = intl.intl_loss(torch.from_numpy(z1), torch.from_numpy(z2), axis=axis)
+        assert loss.item() == pytest.approx(expected, rel=1e-9)
+        assert terms["alignment"].item() == pytest.approx(2 - 2 * cosine.mean(), rel=1e-9)
+    # beta = 0.05 at batch 256 (axis 0) and 0.08 at D = 2048 (axis 1)
+    z1, z2 = torch.randn(256, 64, dtype=torch.float64), torch.randn(256, 64, dtype=torch.float64)
+    assert intl.intl_loss(z1, z2)[0].item() == pytest.approx(intl.intl_loss(z1, z2, beta=0.05)[0].item(), rel=1e-12)
+    z1, z2 = torch.randn(16, 2048, dtype=torch.float64), torch.randn(16, 2048, dtype=torch.float64)
+    assert intl.intl_loss(z1, z2, iters=1, axis=1)[0].item() == \
+        pytest.approx(intl.intl_loss(z1, z2, iters=1, axis=1, beta=0.08)[0].item(), rel=1e-12)
+    # identical views: no alignment loss, and both views' gradients flow (no stop-gradient)
+    z1 = torch.randn(16, 32, requires_grad=True)
+    z2 = z1.detach().clone().requires_grad_(True)
+    loss, terms = intl.intl_loss(z1, z2, beta=0.0)
+    assert terms["alignment"].item() == pytest.approx(0.0, abs=1e-6)
+    intl.intl_loss(z1, z2 + 0.1 * torch.randn(16, 32))[0].backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+
+
+def test_spectrum_stats_report_the_effective_rank_before_and_after_whitening():
+    z = torch.randn(64, 8) @ torch.diag(torch.tensor([4.0, 3, 2, 1.5, 1, 0.8, 0.6, 0.5]))  # uneven spectrum
+    stats = intl.spectrum_stats(z, iters=12, axis=1)
+    x = (z - z.mean(dim=0)).double()
+    eigenvalues = np.linalg.eigvalsh((x.T @ x).numpy())
+    p = eigenvalues / eigenvalues.sum()
+    assert stats["z_erank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-4)
+    assert stats["z_erank"] < 6 and stats["zhat_erank"] == pytest.approx(8, rel=1e-6)  # whitened: all equal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +632,11 @@ def test_images_per_second_is_windowed_and_leaves_out_evaluation(tmp_path, monke
 # ----------------------------------------------------------------------------------------------
 # Scripts, end to end
 # ----------------------------------------------------------------------------------------------
-def test_every_flag_has_help():
+METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_flag_has_help(method):
     captured = {}
 
     def capture(self, argv=None, namespace=None):
@@ -412,10 +644,37 @@ def test_every_flag_has_help():
         raise SystemExit(0)
 
     with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
-        simclr.parse_args([])
+        METHODS[method].parse_args([])
     actions = [a for a in captured["parser"]._actions if a.dest != "help"]
     assert len(actions) > 20
     assert all(a.help and not a.help.startswith("(default") for a in actions), [a.dest for a in actions if not a.help]
+
+
+def method_sections(path):
+    """{marker line: text up to the next marker} for the '# TRY NOT TO MODIFY' and '# ALGO' markers."""
+    sections, marker = {}, None
+    for line in open(path):
+        if line.strip().startswith(("# TRY NOT TO MODIFY", "# ALGO")):
+            marker = line.strip()
+            sections.setdefault(marker, "")
+        elif marker:
+            sections[marker] += line
+    return sections
+
+
+def test_method_files_share_their_boilerplate_byte_for_byte():
+    """diff simclr.py byol.py shows only the method: every TRY NOT TO MODIFY section is identical,
+    and so is the shared argument block (everything up to the ALGO-SPECIFIC marker)."""
+    reference = method_sections(os.path.join(HERE, "simclr.py"))
+    shared = [m for m in reference if m.startswith("# TRY NOT TO MODIFY")]
+    assert len(shared) == 5, shared
+    for method in ("byol", "vicreg", "intl"):
+        sections = method_sections(os.path.join(HERE, f"{method}.py"))
+        assert [m for m in sections if m.startswith("# TRY NOT TO MODIFY")] == shared
+        for marker in shared:
+            assert sections[marker] == reference[marker], (method, marker)
+        algo = [m for m in sections if m.startswith("# ALGO")]
+        assert {"# ALGO LOGIC: loss", "# ALGO LOGIC: model", "# ALGO LOGIC: training step"} <= set(algo), algo
 
 
 def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
@@ -451,6 +710,45 @@ def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
                         "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.load(open(run_dir / "linear_eval_augmented.json"))["protocol"] == "augmented"
+
+
+# method: the loss terms each logs besides "loss"
+LOGGED_TERMS = {"byol": {"tau"}, "vicreg": {"invariance", "variance", "covariance"},
+                "intl": {"alignment", "trace", "z_erank", "zhat_erank"}}
+
+
+@pytest.mark.parametrize("method", LOGGED_TERMS)
+def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
+    result = run_script(f"{method}.py", *TINY_RUN, "--run-name", "tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(LOGGED_TERMS[method] <= set(r) and all(math.isfinite(r[k]) for k in LOGGED_TERMS[method])
+               for r in train)
+    args = json.load(open(run_dir / "args.json"))
+    assert train[0]["lr"] == pytest.approx(args["base_lr"] * 64 / 256 / 4)  # warm-up 1 epoch = 4 steps
+    assert [r["epoch"] for r in evals] == [1, 2] and "linear_top1" in evals[-1]
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--epochs", "2",
+                        "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(run_dir / "linear_eval.json"))["knn_top1"] == pytest.approx(evals[-1]["knn_top1"])
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    if method == "byol":
+        assert [r["tau"] for r in train] == pytest.approx([byol.target_tau(k, 8, 0.99) for k in range(8)])
+        model = checkpoint["model"]
+        online = {k: v for k, v in model.items() if k.startswith(("backbone.", "projector.", "predictor."))}
+        target = {k: v for k, v in model.items() if k.startswith("target.")}
+        assert set(target) == {"target." + k for k in online if not k.startswith("predictor.")}
+        # the optimiser holds momentum for the online parameters only: the target gets no gradient
+        trainable = [v for k, v in online.items() if v.is_floating_point() and "running_" not in k]
+        assert len(checkpoint["optimizer"]["state"]) == len(trainable)
+        # the target moved (EMA) but is not the online network
+        weight = "backbone.0.weight" if "backbone.0.weight" in online else next(k for k in online if k.endswith("weight"))
+        assert not torch.equal(model["target." + weight], model[weight])
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
@@ -497,8 +795,8 @@ def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: no image folder")
     (tmp_path / "bad.pt").write_bytes(b"\0" * 10)
-    for script in ("simclr.py", "eval_linear.py"):
-        flag = "--resume" if script == "simclr.py" else "--checkpoint"
+    for script in ("simclr.py", "byol.py", "vicreg.py", "intl.py", "eval_linear.py"):
+        flag = "--checkpoint" if script == "eval_linear.py" else "--resume"
         result = run_script(script, flag, str(tmp_path / "bad.pt"), cwd=tmp_path)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "corrupt" in result.stderr
