@@ -145,9 +145,9 @@ def spectrum_stats(z, iters=4, axis=0):
     the full rank: min(N, D - 1) for axis 0, min(N - 1, D) for axis 1. The eigenvalues are the
     squared singular values of the centred matrix, in float64. A host sync: call it at log steps."""
     stats = {}
-    for name, values in (("z", z.double()), ("zhat", iter_norm(z.double(), iters, axis))):
+    for name, values in (("z", z), ("zhat", iter_norm(z, iters, axis))):
         if torch.isfinite(values).all():  # else the loss is not finite either, and the logger stops the run
-            x = values - values.mean(dim=1 if axis == 0 else 0, keepdim=True)
+            x = values.double() - values.double().mean(dim=1 if axis == 0 else 0, keepdim=True)
             stats[f"{name}_erank"] = effective_rank(torch.linalg.svdvals(x) ** 2)
     return stats
 
