@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from common import (
-    ARCHS, AUGMENTATIONS, DATASETS, autocast, build_backbone, build_data, build_optimizer,
-    end_of_epoch, finalize_args, optimizer_step, positive_int, prepare_run_dir, projection_mlp,
-    resume, RunLogger, seed_everything, set_data_epoch, set_lr, warmup_cosine,
+    ARCHS, AUGMENTATIONS, DATASETS, ORTHO_KINDS, OrthogonalityRegularizer, autocast, build_backbone,
+    build_data, build_optimizer, end_of_epoch, finalize_args, optimizer_step, positive_int,
+    prepare_run_dir, projection_mlp, resume, RunLogger, seed_everything, set_data_epoch, set_lr,
+    warmup_cosine,
 )
 
 METHOD = "byol"
@@ -64,6 +65,13 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
     parser.add_argument("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
     parser.add_argument("--run-name", default=None, help="run folder name (default: method-dataset-arch-seed-time)")
+    parser.add_argument("--ortho", choices=ORTHO_KINDS, default="none",
+                        help="orthogonality regularization of the backbone's conv and linear weights (He et al., 2024): "
+                             "so = soft orthogonality, srip = spectral norm of W^T W - I (default: %(default)s)")
+    parser.add_argument("--ortho-weight", type=float, default=None,
+                        help="weight of the --ortho penalty (default: 1e-6 for so, 1e-3 for srip, the paper's ResNet values)")
+    parser.add_argument("--ortho-heads", action="store_true",
+                        help="regularise the projector (and predictor) too, not only the backbone")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, "
                              "--data-dir and --log-every may change)")
@@ -121,7 +129,8 @@ def main(args):
     model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor,
                            "target": target}).to(device)  # one state dict for checkpoints; moves online in place
 
-    # TRY NOT TO MODIFY: optimiser, schedule, resume
+    # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume
+    model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start_epoch, global_step = resume(args.resume, model, optimizer, scaler) if args.resume else (0, 0)
@@ -130,6 +139,7 @@ def main(args):
     log = RunLogger(run_dir, args, steps_per_epoch)
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {args.lr:.3g}, run folder {run_dir}")
+    print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -147,11 +157,15 @@ def main(args):
                     target_z1 = target["projector"](target["backbone"](x1))   # (B, proj_dim)
                     target_z2 = target["projector"](target["backbone"](x2))
             # symmetrised: each view's prediction regresses the other view's target, range [0, 8]
-            loss = byol_loss(p1.float(), target_z2.float()) + byol_loss(p2.float(), target_z1.float())
+            ssl_loss = byol_loss(p1.float(), target_z2.float()) + byol_loss(p2.float(), target_z1.float())
             tau = target_tau(global_step, total_steps, args.tau_base)
-            terms = {"loss": loss, "tau": tau}                                   # logged every --log-every steps
+            terms = {"loss": ssl_loss, "tau": tau}                           # logged every --log-every steps
 
-            # TRY NOT TO MODIFY: optimiser step, logging
+            # TRY NOT TO MODIFY: orthogonality penalty (0 with --ortho none), optimiser step, logging
+            penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
+            loss = ssl_loss + args.ortho_weight * penalty
+            if args.ortho != "none":
+                terms["ortho"] = penalty
             optimizer_step(loss, optimizer, scaler)
             global_step += 1
             log.train_step(epoch, global_step, terms, lr)

@@ -88,7 +88,8 @@ def finalize_args(parser, args, method):
         if stored.get("method") != method or "args" not in stored:
             die(f"{args.resume} is not a {method}.py training checkpoint "
                 f"(written by {stored.get('method', 'something else')}); resume it with that script")
-        args = SimpleNamespace(**{**stored["args"], **typed, "resume": args.resume})
+        older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False}  # runs saved before --ortho existed
+        args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
     else:
         quick = args.dataset == "synthetic"
         args.arch = args.arch or ("convnet" if quick else "resnet18")
@@ -97,6 +98,8 @@ def finalize_args(parser, args, method):
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
         args.eval_every = args.eval_every or max(1, args.epochs // 10)
         args.lr = args.base_lr * args.batch_size / 256  # the linear scaling rule
+        if args.ortho_weight is None:
+            args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
         args.method = method
     args.device = resolve_device(args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -431,6 +434,116 @@ def projection_mlp(dims, batch_norm=True, hidden_bias=True):
 
 
 # ----------------------------------------------------------------------------------------------
+# Orthogonality regularization (He, Du, Ma, NeurIPS 2024): SO and SRIP penalties on the weights
+# ----------------------------------------------------------------------------------------------
+ORTHO_KINDS = ("none", "so", "srip")
+ORTHO_WEIGHTS = {"none": 0.0, "so": 1e-6, "srip": 1e-3}  # the paper's values for ResNet-18/50
+SRIP_WARMUP_ITERS, SRIP_STEP_ITERS = 100, 2  # power iterations at the start, then per training step
+
+
+def regularised_layers(module):
+    """(name, layer) of every Conv2d and Linear in module, in definition order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def weight_matrix(layer):
+    """A Conv2d weight (out, in, kh, kw) as out x (in kh kw); a Linear weight (out, in) as it is."""
+    return layer.weight.reshape(layer.weight.shape[0], -1)
+
+
+def _layers_of(module_or_layers):
+    if isinstance(module_or_layers, nn.Module):
+        return [layer for _, layer in regularised_layers(module_or_layers)]
+    return list(module_or_layers)
+
+
+def gram_residuals(module_or_layers):
+    """G - I of every regularised layer, with G on the smaller side of W (out x fan_in):
+    G = W W^T if out <= fan_in, else W^T W, so G = I exactly when W is (semi-)orthogonal.
+    Layers of equal weight shape share one batched matmul. Returns [(L, k, k) tensor per shape]
+    in order of each shape's first layer, and [the layers of each group]."""
+    groups = {}
+    for layer in _layers_of(module_or_layers):
+        groups.setdefault(tuple(layer.weight.shape), []).append(layer)
+    residuals = []
+    for members in groups.values():
+        w = torch.stack([weight_matrix(layer) for layer in members]).float()  # (L, out, fan_in)
+        if w.shape[1] > w.shape[2]:
+            w = w.transpose(1, 2)                                              # (L, k, n), k = the smaller side
+        gram = w @ w.transpose(1, 2)                                           # (L, k, k)
+        residuals.append(gram - torch.eye(gram.shape[-1], device=gram.device))
+    return residuals, list(groups.values())
+
+
+def so_penalty(module_or_layers):
+    """Soft Orthogonality: sum over layers of ||G - I||_F^2 (a scalar tensor with gradients)."""
+    residuals, _ = gram_residuals(module_or_layers)
+    return sum((r.pow(2).sum() for r in residuals), torch.zeros(()))
+
+
+def srip_penalty(module_or_layers, iters=SRIP_WARMUP_ITERS, vectors=None):
+    """SRIP (Bansal et al., 2018): sum over layers of sigma_max(G - I), the spectral norm of the
+    symmetric residual estimated by power iteration. Each layer's unit vector v takes `iters`
+    steps v <- R v / |R v| without gradient, then sigma = |R v| carries the gradient (as torch's
+    spectral_norm does). vectors: None starts from random vectors; a list of (L, k, 1) tensors,
+    one per weight shape (see gram_residuals), starts from them and is updated in place, so that
+    a few iterations per training step track the top singular vector as the weights move."""
+    residuals, _ = gram_residuals(module_or_layers)
+    if vectors is None:
+        vectors = [F.normalize(torch.randn(r.shape[0], r.shape[1], 1, device=r.device), dim=1) for r in residuals]
+    total = torch.zeros(())
+    for r, v in zip(residuals, vectors):
+        with torch.no_grad():
+            for _ in range(iters):
+                v.copy_(F.normalize(r @ v, dim=1))                             # (L, k, 1)
+        total = total + (r @ v.clone()).norm(dim=1).sum()  # a copy: the next call updates v in place
+    return total
+
+
+def orthogonality_error(module_or_layers):
+    """Mean over layers of ||G - I||_F: 0 for (semi-)orthogonal weights."""
+    with torch.no_grad():
+        residuals, _ = gram_residuals(module_or_layers)
+        norms = torch.cat([torch.linalg.matrix_norm(r) for r in residuals])
+    return norms.mean().item()
+
+
+class OrthogonalityRegularizer(nn.Module):
+    """The penalty of --ortho on the backbone's Conv2d and Linear layers (with heads=True also
+    the projector's and predictor's; a BYOL target is never regularised). Calling it returns the
+    penalty: SO, SRIP, or 0 for 'none'. It has no parameters; for SRIP its buffers are the
+    persistent power-iteration vectors, so checkpoints carry them and a resumed run continues
+    exactly. The layers are referenced, not registered: the model's state dict holds them once."""
+
+    def __init__(self, model, kind="none", heads=False):
+        super().__init__()
+        parts = ["backbone"] + (["projector", "predictor"] if heads else [])
+        named = [(f"{part}.{name}", layer) for part in parts if part in model
+                 for name, layer in regularised_layers(model[part])]
+        self.kind, self.layer_names, self.layers = kind, [name for name, _ in named], [layer for _, layer in named]
+        if kind == "srip":  # own generator: the run's random stream stays that of --ortho none
+            residuals, _ = gram_residuals(self.layers)
+            generator = torch.Generator().manual_seed(0)
+            for i, r in enumerate(residuals):
+                start = torch.randn(r.shape[0], r.shape[1], 1, generator=generator).to(r.device)
+                self.register_buffer(f"srip_vectors_{i}", F.normalize(start, dim=1))
+            srip_penalty(self.layers, SRIP_WARMUP_ITERS, self.srip_vectors())  # converge once on the initial weights
+
+    def srip_vectors(self):
+        return [buffer for name, buffer in self.named_buffers() if name.startswith("srip_vectors_")]
+
+    def forward(self):
+        if self.kind == "so":
+            return so_penalty(self.layers)
+        if self.kind == "srip":
+            return srip_penalty(self.layers, SRIP_STEP_ITERS, self.srip_vectors())
+        return self.layers[0].weight.new_zeros(())
+
+    def describe(self):
+        return f"{len(self.layers)} layers ({', '.join(self.layer_names)})"
+
+
+# ----------------------------------------------------------------------------------------------
 # Optimisation
 # ----------------------------------------------------------------------------------------------
 class LARS(torch.optim.Optimizer):
@@ -584,6 +697,60 @@ def effective_rank(spectrum):
     return entropy.exp().item()
 
 
+# Spectra, to see dimensional collapse: sorted singular values of the weights and eigenvalues of
+# feature covariances, as in the OR paper's figures. effective_rank() above summarises each.
+def weight_spectra(named_layers):
+    """{name: singular values of its weight matrix, descending} for (name, layer) pairs."""
+    with torch.no_grad():
+        return {name: torch.linalg.svdvals(weight_matrix(layer).double()) for name, layer in named_layers}
+
+
+def covariance_eigenvalues(x):
+    """Eigenvalues of the covariance of the rows of x (N, D), in float64, descending."""
+    x = x.double()
+    x = x - x.mean(dim=0)
+    return torch.linalg.eigvalsh(x.T @ x / (len(x) - 1)).flip(0).clamp(min=0)
+
+
+def feature_stages(backbone):
+    """(name, module, which) to hook: a ResNet's input to layer1 (after the stem) and the output of
+    each stage; the convnet's output of each ReLU block."""
+    if hasattr(backbone, "layer1"):
+        stages = [("stem", backbone.layer1, "input")]
+        return stages + [(f"layer{i}", getattr(backbone, f"layer{i}"), "output") for i in range(1, 5)]
+    relus = [m for m in backbone if isinstance(m, nn.ReLU)]
+    return [(f"block{i + 1}", m, "output") for i, m in enumerate(relus)]
+
+
+@torch.no_grad()
+def feature_spectra(backbone, projector, images, batch_size=256):
+    """{stage: covariance eigenvalues} of features of images (N, 3, H, W), in eval mode: every
+    stage of the backbone (channels averaged over space, (N, C)), the representation and the
+    projector output."""
+    captured = {}
+
+    def hook(name, which):
+        def record(module, inputs, output):
+            x = inputs[0] if which == "input" else output
+            captured.setdefault(name, []).append(x.float().mean(dim=(2, 3)).cpu())  # (B, C)
+        return record
+
+    handles = [m.register_forward_hook(hook(name, which)) for name, m, which in feature_stages(backbone)]
+    backbone.eval(), projector.eval()
+    rep, proj = [], []
+    try:
+        for batch in images.split(batch_size):
+            h = backbone(batch)
+            rep.append(h.float().cpu())
+            proj.append(projector(h).float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    features = {name: torch.cat(chunks) for name, chunks in captured.items()}
+    features.update(representation=torch.cat(rep), projector=torch.cat(proj))
+    return {name: covariance_eigenvalues(x) for name, x in features.items()}
+
+
 def embedding_stats(z):
     """Collapse diagnostics of embeddings z (N, D). erank: RankMe (Garrido et al., 2023), the
     effective rank of z's singular values. std: the mean per-dimension std of the L2-normalised
@@ -596,7 +763,8 @@ def embedding_stats(z):
 
 def evaluate(model, data, device, linear=False):
     """kNN (k=200 weighted, and 5-NN) on clean features, collapse diagnostics of the representation
-    and of the projector output, and optionally the linear probe."""
+    and of the projector output, the mean orthogonality error of the regularised layers (the
+    backbone's when the model has no regularizer), and optionally the linear probe."""
     train_features, train_labels = extract_features(model["backbone"], data.eval_train_loader, device)
     test_features, test_labels = extract_features(model["backbone"], data.eval_test_loader, device)
     knn = lambda **kw: accuracy(knn_predict(  # noqa: E731
@@ -609,6 +777,8 @@ def evaluate(model, data, device, linear=False):
     for name, values in (("rep", train_features), ("proj", z)):
         stats = embedding_stats(values)
         results[f"{name}_erank"], results[f"{name}_std"] = stats["erank"], stats["std"]
+    layers = model["ortho"].layers if "ortho" in model else model["backbone"]
+    results["ortho_error"] = orthogonality_error(layers)
     if linear:
         results["linear_top1"], results["linear_top5"] = linear_probe(
             train_features, train_labels, test_features, test_labels, data.num_classes)
@@ -716,7 +886,7 @@ class RunLogger:
         self.window_steps += 1
         if not self.due(global_step):
             return
-        values = {name: float(value) for name, value in terms.items()}  # tensors: a host sync, once a window
+        values = {name: float(value.detach() if torch.is_tensor(value) else value) for name, value in terms.items()}  # tensors: a host sync, once a window
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
                 f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")

@@ -637,6 +637,159 @@ def test_images_per_second_is_windowed_and_leaves_out_evaluation(tmp_path, monke
 
 
 # ----------------------------------------------------------------------------------------------
+# Orthogonality regularization (SO, SRIP) and spectra
+# ----------------------------------------------------------------------------------------------
+def orthogonal_layers():
+    """Square, wide, tall and conv-shaped layers with (semi-)orthogonal weights."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(16, 16), nn.Linear(32, 8), nn.Linear(8, 32), nn.Conv2d(4, 16, 3), nn.Conv2d(16, 64, 1)]
+    for layer in layers:
+        nn.init.orthogonal_(layer.weight)  # flattens a conv weight to out x (in kh kw)
+    return layers
+
+
+def so_numpy(weights):
+    total = 0.0
+    for w in weights:
+        w = w.detach().double().numpy().reshape(w.shape[0], -1)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        total += ((gram - np.eye(len(gram))) ** 2).sum()
+    return total
+
+
+def test_so_and_srip_are_zero_for_orthogonal_and_semi_orthogonal_weights():
+    layers = orthogonal_layers()
+    for layer in layers:
+        assert common.so_penalty([layer]).item() == pytest.approx(0, abs=1e-9)
+        assert common.srip_penalty([layer], iters=5).item() == pytest.approx(0, abs=1e-5)
+    assert common.orthogonality_error(layers) == pytest.approx(0, abs=1e-5)
+
+
+def test_so_penalty_matches_numpy_on_random_layers_of_repeated_shapes():
+    torch.manual_seed(1)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 40, 1),
+                           nn.Flatten(), nn.Linear(40, 10), nn.Linear(10, 40), nn.Linear(10, 40))
+    weights = [m.weight for m in module if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert common.so_penalty(module).item() == pytest.approx(so_numpy(weights), rel=1e-5)
+    for w in weights:
+        w.data.mul_(3.0)  # far from orthogonal
+    assert common.so_penalty(module).item() == pytest.approx(so_numpy(weights), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6), (8, 3, 3, 3), (40, 2, 2, 2)])
+def test_so_gradient_is_the_analytic_one(shape):
+    """d/dW ||W^T W - I||^2 = 4 W (W^T W - I) for tall W; 4 (W W^T - I) W for wide W."""
+    torch.manual_seed(2)
+    layer = nn.Conv2d(shape[1], shape[0], shape[2]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
+    common.so_penalty([layer]).backward()
+    w = layer.weight.detach().reshape(shape[0], -1)
+    eye = lambda k: torch.eye(k)  # noqa: E731
+    expected = 4 * (w @ w.T - eye(len(w))) @ w if w.shape[0] <= w.shape[1] else 4 * w @ (w.T @ w - eye(w.shape[1]))
+    torch.testing.assert_close(layer.weight.grad.reshape(shape[0], -1), expected, rtol=1e-4, atol=1e-5)
+
+
+def exact_spectral_norms(layers):
+    norms = []
+    for layer in layers:
+        w = common.weight_matrix(layer).detach().double()
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        norms.append(torch.linalg.matrix_norm(gram - torch.eye(len(gram), dtype=gram.dtype), ord=2).item())
+    return norms
+
+
+def test_srip_agrees_with_the_exact_spectral_norm_within_1_percent_on_resnet18_layers():
+    """Fresh random start, the default 100 iterations: every layer within 1%."""
+    torch.manual_seed(3)
+    backbone, _ = common.build_backbone("resnet18", 32)
+    layers = [layer for _, layer in common.regularised_layers(backbone)]
+    for layer, exact in zip(layers, exact_spectral_norms(layers)):
+        assert common.srip_penalty([layer]).item() == pytest.approx(exact, rel=0.01)
+
+
+def test_srip_persistent_vectors_track_the_spectral_norm_as_weights_move():
+    """The regulariser converges once at construction, then takes 2 iterations per call: after
+    each of 20 small random weight updates the sum stays within 1% of the exact sum."""
+    torch.manual_seed(4)
+    model = nn.ModuleDict({"backbone": common.small_convnet(), "projector": common.projection_mlp([256, 64, 32])})
+    regulariser = common.OrthogonalityRegularizer(model, "srip", heads=True)
+    for _ in range(20):
+        with torch.no_grad():
+            for layer in regulariser.layers:
+                layer.weight.add_(0.01 * layer.weight.std() * torch.randn_like(layer.weight))
+        assert regulariser().item() == pytest.approx(sum(exact_spectral_norms(regulariser.layers)), rel=0.01)
+    assert len(regulariser.srip_vectors()) == len(regulariser.state_dict()) == 6  # one per weight shape
+    (regulariser() + regulariser()).backward()  # the in-place vector update never touches a saved tensor
+    assert all(layer.weight.grad is not None for layer in regulariser.layers)
+
+
+def test_regularised_layers_of_resnet18_are_its_20_convs_and_heads_extend_them():
+    backbone, _ = common.build_backbone("resnet18", 32)
+    projector, predictor = common.projection_mlp([512, 64, 32]), common.projection_mlp([32, 64, 32])
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor,
+                           "target": nn.ModuleDict({"backbone": common.small_convnet()})})
+    expected = ["backbone.conv1"] + [f"backbone.layer{s}.{b}.conv{c}" for s in range(1, 5) for b in (0, 1) for c in (1, 2)]
+    expected += [f"backbone.layer{s}.0.downsample.0" for s in (2, 3, 4)]
+    plain = common.OrthogonalityRegularizer(model, "so")
+    assert len(plain.layers) == 20 and sorted(plain.layer_names) == sorted(expected)
+    assert all(isinstance(layer, nn.Conv2d) for layer in plain.layers)
+    heads = common.OrthogonalityRegularizer(model, "so", heads=True)
+    assert heads.layer_names[20:] == ["projector.0", "projector.3", "predictor.0", "predictor.3"]  # never the target
+    assert heads().item() == pytest.approx(so_numpy([layer.weight for layer in heads.layers]), rel=1e-5)
+    assert common.OrthogonalityRegularizer(model, "none")().item() == 0 and len(plain.state_dict()) == 0
+
+
+def test_feature_spectra_match_numpy_covariance_eigenvalues():
+    torch.manual_seed(5)
+    backbone, projector = common.small_convnet().eval(), common.projection_mlp([256, 32, 8]).eval()
+    images = torch.randn(64, 3, 16, 16)
+    spectra = common.feature_spectra(backbone, projector, images, batch_size=20)
+    assert list(spectra) == ["block1", "block2", "block3", "block4", "representation", "projector"]
+    with torch.no_grad():
+        h = backbone(images)
+        for name, x in (("representation", h), ("projector", projector(h)), ("block1", backbone[:3](images).mean(dim=(2, 3)))):
+            expected = np.sort(np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False)))[::-1].clip(min=0)
+            np.testing.assert_allclose(spectra[name].numpy(), expected, rtol=1e-6, atol=1e-10)
+    stages = [name for name, _, _ in common.feature_stages(common.build_backbone("resnet18", 32)[0])]
+    assert stages == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_ortho_so_run_ends_closer_to_orthogonal_than_the_same_run_without(tmp_path):
+    """8 LARS steps are too few for the paper's 1e-6 to show; 0.1 does."""
+    errors = {}
+    for kind in ("none", "so"):
+        result = run_script("simclr.py", *TINY_RUN, "--ortho", kind, "--ortho-weight", "0.1",
+                            "--run-name", kind, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"--ortho {kind} (weight 0.1) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)" in result.stdout
+        records = [json.loads(line) for line in open(tmp_path / "runs" / kind / "metrics.jsonl")]
+        train = [r for r in records if r["type"] == "train"]
+        assert ("ortho" in train[0]) == (kind == "so")
+        errors[kind] = [r["ortho_error"] for r in records if r["type"] == "eval"][-1]
+    assert errors["so"] < 0.9 * errors["none"], errors
+    result = run_script("spectrum.py", "runs/none/checkpoint.pt", "runs/so/checkpoint.pt", "--labels", "none", "SO",
+                        "--out", "figs/spectrum", "--num-images", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    curves = json.load(open(tmp_path / "figs/spectrum.json"))
+    assert list(curves) == ["none", "SO"] and list(curves["SO"]["weights"]) == [f"backbone.{i}" for i in (0, 3, 6, 9)]
+    weights = torch.load(tmp_path / "runs/so/checkpoint.pt", weights_only=True)["model"]["backbone.3.weight"]
+    np.testing.assert_allclose(curves["SO"]["weights"]["backbone.3"]["values"],
+                               np.linalg.svd(weights.double().reshape(64, -1).numpy(), compute_uv=False), rtol=1e-6)
+    assert curves["SO"]["features"]["representation"]["erank"] >= 1
+
+
+def test_mlp_from_state_dict_rebuilds_every_projector_layout():
+    import spectrum
+    for mlp in (common.projection_mlp([16, 32, 8]), common.projection_mlp([16, 32, 8], batch_norm=False),
+                common.projection_mlp([16, 32, 32, 8], hidden_bias=False)):
+        for name, tensor in mlp.state_dict().items():  # non-default BN statistics and affine parameters
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+        rebuilt = spectrum.mlp_from_state_dict(mlp.state_dict())
+        x = torch.randn(10, 16)
+        torch.testing.assert_close(rebuilt.eval()(x), mlp.eval()(x))
+
+
+# ----------------------------------------------------------------------------------------------
 # Scripts, end to end
 # ----------------------------------------------------------------------------------------------
 METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
@@ -758,12 +911,13 @@ def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
         assert not torch.equal(model["target." + weight], model[weight])
 
 
-@pytest.mark.parametrize("method,workers", [("simclr", "0"), ("simclr", "2"), ("byol", "0")])
-def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch, method, workers):
-    """Weights, BN buffers, BYOL's target and optimiser state all match after an interruption."""
+@pytest.mark.parametrize("method,workers,ortho", [("simclr", "0", "none"), ("simclr", "2", "none"), ("byol", "0", "srip")])
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch, method, workers, ortho):
+    """Weights, BN buffers, BYOL's target, SRIP's power-iteration vectors and optimiser state all
+    match after an interruption."""
     monkeypatch.chdir(tmp_path)
     module = METHODS[method]
-    common_args = TINY_RUN + ["--arch", "convnet", "--num-workers", workers]
+    common_args = TINY_RUN + ["--arch", "convnet", "--num-workers", workers, "--ortho", ortho, "--ortho-heads"]
     if method == "byol":  # the target moves once per optimiser step, after it
         with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema:
             module.main(module.parse_args(common_args + ["--run-name", "straight"]))
@@ -788,6 +942,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch,
     assert resumed["epoch"] == straight["epoch"] == 2 and resumed["global_step"] == 8
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert sum(key.startswith("ortho.srip_vectors_") for key in straight["model"]) == (6 if ortho == "srip" else 0)  # 4 conv shapes + 2 head shapes
 
 
 def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkeypatch, capsys):
@@ -803,6 +958,12 @@ def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkey
     assert "not --epochs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         simclr.parse_args(["--resume", "runs/a/backbone.pt"])        # a bare state dict is not resumable
+    state = torch.load("runs/a/checkpoint.pt", weights_only=True)   # a run saved before --ortho existed
+    for key in ("ortho", "ortho_weight", "ortho_heads"):
+        del state["args"][key]
+    torch.save(state, "runs/a/old.pt")
+    args = simclr.parse_args(["--resume", "runs/a/old.pt"])
+    assert (args.ortho, args.ortho_weight, args.ortho_heads) == ("none", 0.0, False)
 
 
 def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
