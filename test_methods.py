@@ -943,6 +943,12 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch,
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
     assert sum(key.startswith("ortho.srip_vectors_") for key in straight["model"]) == (6 if ortho == "srip" else 0)  # 4 conv shapes + 2 head shapes
+    if method == "byol":  # spectrum.py covers the layers the run regularised, the predictor included
+        import spectrum
+        run, spectra = spectrum.run_spectra("runs/straight/checkpoint.pt", 16, None, torch.device("cpu"))
+        assert list(spectra["weights"]) == [f"backbone.{i}" for i in (0, 3, 6, 9)] + \
+            ["projector.0", "projector.3", "predictor.0", "predictor.3"]
+        assert len(spectra["weights"]["predictor.3"]) == 256 and len(spectra["features"]["projector"]) == 256
 
 
 def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkeypatch, capsys):
