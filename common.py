@@ -98,8 +98,12 @@ def finalize_args(parser, args, method):
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
         args.eval_every = args.eval_every or max(1, args.epochs // 10)
         args.lr = args.base_lr * args.batch_size / 256  # the linear scaling rule
+        if args.ortho == "none" and args.ortho_weight:
+            die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
         if args.ortho_weight is None:
             args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
+        if args.ortho_weight < 0:
+            die(f"--ortho-weight must be >= 0 (a penalty), got {args.ortho_weight:g}")
         args.method = method
     args.device = resolve_device(args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -460,8 +464,8 @@ def _layers_of(module_or_layers):
 def gram_residuals(module_or_layers):
     """G - I of every regularised layer, with G on the smaller side of W (out x fan_in):
     G = W W^T if out <= fan_in, else W^T W, so G = I exactly when W is (semi-)orthogonal.
-    Layers of equal weight shape share one batched matmul. Returns [(L, k, k) tensor per shape]
-    in order of each shape's first layer, and [the layers of each group]."""
+    Layers of equal weight shape share one batched matmul. Returns [(L, k, k) tensor per shape],
+    in order of each shape's first layer."""
     groups = {}
     for layer in _layers_of(module_or_layers):
         groups.setdefault(tuple(layer.weight.shape), []).append(layer)
@@ -472,13 +476,12 @@ def gram_residuals(module_or_layers):
             w = w.transpose(1, 2)                                              # (L, k, n), k = the smaller side
         gram = w @ w.transpose(1, 2)                                           # (L, k, k)
         residuals.append(gram - torch.eye(gram.shape[-1], device=gram.device))
-    return residuals, list(groups.values())
+    return residuals
 
 
 def so_penalty(module_or_layers):
     """Soft Orthogonality: sum over layers of ||G - I||_F^2 (a scalar tensor with gradients)."""
-    residuals, _ = gram_residuals(module_or_layers)
-    return sum((r.pow(2).sum() for r in residuals), torch.zeros(()))
+    return sum((r.pow(2).sum() for r in gram_residuals(module_or_layers)), torch.zeros(()))
 
 
 def srip_penalty(module_or_layers, iters=SRIP_WARMUP_ITERS, vectors=None):
@@ -488,7 +491,7 @@ def srip_penalty(module_or_layers, iters=SRIP_WARMUP_ITERS, vectors=None):
     spectral_norm does). vectors: None starts from random vectors; a list of (L, k, 1) tensors,
     one per weight shape (see gram_residuals), starts from them and is updated in place, so that
     a few iterations per training step track the top singular vector as the weights move."""
-    residuals, _ = gram_residuals(module_or_layers)
+    residuals = gram_residuals(module_or_layers)
     if vectors is None:
         vectors = [F.normalize(torch.randn(r.shape[0], r.shape[1], 1, device=r.device), dim=1) for r in residuals]
     total = torch.zeros(())
@@ -503,8 +506,7 @@ def srip_penalty(module_or_layers, iters=SRIP_WARMUP_ITERS, vectors=None):
 def orthogonality_error(module_or_layers):
     """Mean over layers of ||G - I||_F: 0 for (semi-)orthogonal weights."""
     with torch.no_grad():
-        residuals, _ = gram_residuals(module_or_layers)
-        norms = torch.cat([torch.linalg.matrix_norm(r) for r in residuals])
+        norms = torch.cat([torch.linalg.matrix_norm(r) for r in gram_residuals(module_or_layers)])
     return norms.mean().item()
 
 
@@ -522,12 +524,12 @@ class OrthogonalityRegularizer(nn.Module):
                  for name, layer in regularised_layers(model[part])]
         self.kind, self.layer_names, self.layers = kind, [name for name, _ in named], [layer for _, layer in named]
         if kind == "srip":  # own generator: the run's random stream stays that of --ortho none
-            residuals, _ = gram_residuals(self.layers)
             generator = torch.Generator().manual_seed(0)
-            for i, r in enumerate(residuals):
-                start = torch.randn(r.shape[0], r.shape[1], 1, generator=generator).to(r.device)
-                self.register_buffer(f"srip_vectors_{i}", F.normalize(start, dim=1))
-            srip_penalty(self.layers, SRIP_WARMUP_ITERS, self.srip_vectors())  # converge once on the initial weights
+            with torch.no_grad():
+                for i, r in enumerate(gram_residuals(self.layers)):
+                    start = torch.randn(r.shape[0], r.shape[1], 1, generator=generator).to(r.device)
+                    self.register_buffer(f"srip_vectors_{i}", F.normalize(start, dim=1))
+                srip_penalty(self.layers, SRIP_WARMUP_ITERS, self.srip_vectors())  # converge on the initial weights
 
     def srip_vectors(self):
         return [buffer for name, buffer in self.named_buffers() if name.startswith("srip_vectors_")]

@@ -738,6 +738,20 @@ def test_regularised_layers_of_resnet18_are_its_20_convs_and_heads_extend_them()
     assert common.OrthogonalityRegularizer(model, "none")().item() == 0 and len(plain.state_dict()) == 0
 
 
+def test_ortho_weight_defaults_by_kind_and_refuses_a_weight_without_a_penalty_or_below_zero(capsys):
+    quick = ["--dataset", "synthetic", "--device", "cpu"]
+    assert simclr.parse_args(quick + ["--ortho", "so"]).ortho_weight == 1e-6
+    assert simclr.parse_args(quick + ["--ortho", "srip"]).ortho_weight == 1e-3
+    assert simclr.parse_args(quick).ortho_weight == 0.0
+    capsys.readouterr()
+    for flags, message in ((["--ortho-weight", "1e-3"], "has no effect without --ortho so"),
+                           (["--ortho", "so", "--ortho-weight", "-1"], "must be >= 0")):
+        with pytest.raises(SystemExit):
+            simclr.parse_args(quick + flags)
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_feature_spectra_match_numpy_covariance_eigenvalues():
     torch.manual_seed(5)
     backbone, projector = common.small_convnet().eval(), common.projection_mlp([256, 32, 8]).eval()
@@ -757,10 +771,11 @@ def test_ortho_so_run_ends_closer_to_orthogonal_than_the_same_run_without(tmp_pa
     """8 LARS steps are too few for the paper's 1e-6 to show; 0.1 does."""
     errors = {}
     for kind in ("none", "so"):
-        result = run_script("simclr.py", *TINY_RUN, "--ortho", kind, "--ortho-weight", "0.1",
-                            "--run-name", kind, cwd=tmp_path)
+        weight = ["--ortho-weight", "0.1"] if kind == "so" else []
+        result = run_script("simclr.py", *TINY_RUN, "--ortho", kind, *weight, "--run-name", kind, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert f"--ortho {kind} (weight 0.1) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)" in result.stdout
+        shown = "0.1" if kind == "so" else "0"
+        assert f"--ortho {kind} (weight {shown}) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)" in result.stdout
         records = [json.loads(line) for line in open(tmp_path / "runs" / kind / "metrics.jsonl")]
         train = [r for r in records if r["type"] == "train"]
         assert ("ortho" in train[0]) == (kind == "so")
