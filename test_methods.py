@@ -1000,9 +1000,11 @@ def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_simclr_learns_on_synthetic(tmp_path):
-    """The README's offline command: kNN accuracy well above the random-init backbone's."""
-    result = run_script("simclr.py", "--dataset", "synthetic", "--run-name", "learn", "--eval-every", "1000",
+@pytest.mark.parametrize("method", ["simclr", "vicreg", "intl"])  # BYOL does not learn here (README)
+def test_method_learns_on_synthetic(tmp_path, method):
+    """The README's offline command: kNN accuracy well above the random-init backbone's (seed 0
+    measured: SimCLR 61.0%, VICReg 58.2%, INTL 88.6% against 20.3%)."""
+    result = run_script(f"{method}.py", "--dataset", "synthetic", "--run-name", "learn", "--eval-every", "1000",
                         "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     final = [json.loads(line) for line in open(tmp_path / "runs/learn/metrics.jsonl")][-1]
