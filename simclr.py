@@ -16,7 +16,7 @@ import torch.nn as nn
 from common import (
     ARCHS, AUGMENTATIONS, DATASETS, ORTHO_KINDS, OrthogonalityRegularizer, autocast, build_backbone,
     build_data, build_optimizer, end_of_epoch, finalize_args, optimizer_step, positive_int,
-    prepare_run_dir, projection_mlp, resume, RunLogger, seed_everything, set_data_epoch, set_lr,
+    prepare_model, prepare_run_dir, projection_mlp, resume, RunLogger, seed_everything, set_data_epoch, set_lr,
     warmup_cosine,
 )
 
@@ -52,8 +52,13 @@ def parse_args(argv=None):
                         help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
     parser.add_argument("--augmentations", choices=AUGMENTATIONS, default=None,
                         help="named two-view recipe from the published configs, see README (default: %(default)s)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--pipeline", choices=("auto", "tensor", "pil"), default="auto",
+                        help="tensor: images held in memory as uint8 on the training device, augmented in batches with "
+                             "per-image parameters; pil: torchvision transforms in DataLoader workers; auto: tensor "
+                             "when the dataset fits in memory (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow start, faster steps on a GPU)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
                         help="data loading processes, 0 loads in the main process (default: %(default)s, the CPU threads up to 8)")
@@ -113,6 +118,7 @@ def main(args):
 
     # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
+    prepare_model(model, args)                                           # channels_last on a GPU, --compile
     optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start_epoch, global_step = resume(args.resume, model, optimizer, scaler) if args.resume else (0, 0)
