@@ -1,36 +1,75 @@
-# Benchmarks — needs common.py and simclr.py beside it
+# Benchmarks — needs common.py and the method files beside it
 """Timings behind the README's performance numbers; every number there comes from a command here.
 
 Usage:
-    python bench.py ortho --arch resnet18 --batch-size 256     # share of --ortho so/srip in a training step
-Prints a table and writes bench_ortho.json (or --out).
+    python bench.py speed --dataset synthetic --synthetic-size 50000        # images/s of each method, CPU or GPU
+    python bench.py speed --methods intl --arch resnet18 --batch-size 512 --precision bf16 --compile
+    python bench.py ortho --arch resnet18 --batch-size 256                  # share of --ortho so/srip in a step
+speed measures, per method: (a) the tensor pipeline alone (uint8 batch -> two augmented views),
+(b) the method's own training step (its main(), unchanged) on ready tensors, (c) end to end
+(main() fed by the tensor pipeline), (d) torchvision's PIL pipeline with the same recipe in a
+DataLoader with --num-workers workers. Prints a table and writes bench_speed.json (or --out).
 """
 import argparse
 import json
+import os
 import platform
+import subprocess
+import tempfile
 import time
+from types import SimpleNamespace
+from unittest import mock
 
 import torch
 import torch.nn as nn
 
-from common import OrthogonalityRegularizer, autocast, build_backbone, build_optimizer, optimizer_step, \
+import byol
+import intl
+import simclr
+import vicreg
+from common import OrthogonalityRegularizer, autocast, build_backbone, build_data, build_optimizer, optimizer_step, \
     positive_int, projection_mlp, resolve_device
 from simclr import nt_xent_loss
+
+METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ortho",), help="which benchmark")
+    parser.add_argument("what", choices=("speed", "ortho"), help="which benchmark")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS), help="speed: methods to time (default: all)")
+    parser.add_argument("--dataset", default="synthetic", help="speed: --dataset of the runs (default: %(default)s)")
+    parser.add_argument("--data-dir", default="./data", help="speed: --data-dir of the runs (default: %(default)s)")
+    parser.add_argument("--synthetic-size", type=positive_int, default=10000,
+                        help="speed: images of --dataset synthetic; 50000 is a CIFAR-sized epoch (default: %(default)s)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, two views each (default: %(default)s)")
-    parser.add_argument("--image-size", type=positive_int, default=32, help="crop size (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per setting, after 2 warm-up steps (default: %(default)s)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype (default: %(default)s)")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="ortho: crop size (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first; --compile needs more (default: %(default)s)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="autocast dtype (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="speed: torch.compile the backbones, as the method flag")
+    parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
+                        help="speed: DataLoader workers of the PIL pipeline (default: %(default)s)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("data", "step", "end_to_end", "pil"),
+                        help="speed: measurements to leave out")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
-    parser.add_argument("--out", default="bench_ortho.json", help="JSON output path (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json)")
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    args.out = args.out or f"bench_{args.what}.json"
     return args
+
+
+def hardware(device):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(), "threads": torch.get_num_threads(), "commit": commit or None,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def timed(fn, steps, device):
@@ -59,10 +98,7 @@ def bench_ortho(args):
     optimizer = build_optimizer("lars", model, 0.1, 1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     x1, x2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device) for _ in range(2))
-    results = {"arch": args.arch, "batch_size": args.batch_size, "device": str(device), "precision": args.precision,
-               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-               "threads": torch.get_num_threads(),
-               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    results = {**hardware(device), "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision}
     for kind, weight in (("none", 0.0), ("so", 1e-6), ("srip", 1e-3)):
         regulariser = OrthogonalityRegularizer(model, kind).to(device)
 
@@ -83,8 +119,123 @@ def bench_ortho(args):
     return results
 
 
-def main(args):
-    results = bench_ortho(args)
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class TimedLoader:
+    """Wraps a training loader for a method's main(): yields `warmup + steps` batches and records
+    the time between consecutive batches, i.e. one training step plus fetching the next batch
+    (after a device sync, so queued GPU work is counted). ready=True repeats one prepared batch,
+    which leaves the data pipeline out."""
+
+    def __init__(self, loader, warmup, steps, device, ready=False):
+        self.loader, self.warmup, self.steps, self.device, self.ready = loader, warmup, steps, device, ready
+        self.generator = loader.generator
+        self.times = []
+
+    def __len__(self):
+        return self.warmup + self.steps
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        fixed = next(batches) if self.ready else None
+        for index in range(len(self)):
+            batch = fixed if self.ready else next(batches, None)
+            if batch is None:  # a short epoch: start another
+                batches = iter(self.loader)
+                batch = next(batches)
+            sync(self.device)
+            self.times.append(time.perf_counter())
+            yield batch
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def seconds_per_step(self):
+        return (self.times[-1] - self.times[self.warmup]) / self.steps
+
+
+def method_args(module, args, run_dir, pipeline):
+    return module.parse_args([
+        "--dataset", args.dataset, "--data-dir", args.data_dir, "--synthetic-size", str(args.synthetic_size),
+        "--arch", args.arch, "--batch-size", str(args.batch_size), "--epochs", "1", "--precision", args.precision,
+        "--device", args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
+        "--log-every", "1000000", "--out-dir", run_dir, "--run-name", module.METHOD] + (["--compile"] if args.compile else []))
+
+
+def time_main(module, margs, data, warmup, steps, ready):
+    """Run the method's main() on `data` for warmup + steps steps; returns seconds per step."""
+    timed_loader = TimedLoader(data.train_loader, warmup, steps, torch.device(margs.device), ready=ready)
+    fake = SimpleNamespace(**{**vars(data), "train_loader": timed_loader})
+    with mock.patch.object(module, "build_data", lambda _: fake), \
+            mock.patch.object(module, "end_of_epoch", lambda *a, **k: None):
+        module.main(margs)
+    return timed_loader.seconds_per_step()
+
+
+def time_loader(loader, warmup, steps, device):
+    """Seconds per batch of iterating a loader (its images made on the device)."""
+    batches = iter(loader)
+    for _ in range(warmup):
+        next(batches)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        (x1, x2), _ = next(batches)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_speed(args):
+    device = torch.device(args.device)
+    results = {**hardware(device), "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
+               "compile": args.compile, "dataset": args.dataset, "num_workers": args.num_workers, "methods": {}}
+    for name in args.methods:
+        module, row = METHODS[name], {}
+        with tempfile.TemporaryDirectory() as run_dir:
+            margs = method_args(module, args, run_dir, "tensor")
+            data = build_data(margs)
+            row["augmentations"] = margs.augmentations
+            images_per_s = lambda seconds: args.batch_size / seconds  # noqa: E731
+            if "data" not in args.skip:
+                row["data"] = images_per_s(time_loader(data.train_loader, args.warmup, args.steps, device))
+            if "step" not in args.skip:
+                row["step"] = images_per_s(time_main(module, margs, data, args.warmup, args.steps, ready=True))
+            if "end_to_end" not in args.skip:
+                margs = method_args(module, args, run_dir, "tensor")
+                row["end_to_end"] = images_per_s(time_main(module, margs, build_data(margs), args.warmup, args.steps, ready=False))
+            if "pil" not in args.skip:  # past the batches the workers prefetch while starting
+                pil_args = method_args(module, args, run_dir, "pil")
+                warmup = max(args.warmup, 4 * max(1, args.num_workers))
+                row["pil"] = images_per_s(time_loader(build_data(pil_args).train_loader, warmup, args.steps, device))
+            if device.type == "cpu" and "data" in row and "pil" in row:  # the target: tensor >= 3x PIL per core
+                row["data_per_core"], row["pil_per_core"] = row["data"] / torch.get_num_threads(), row["pil"] / max(1, args.num_workers)
+        results["methods"][name] = row
+    return results
+
+
+def print_speed(results):
+    where = results["gpu"] or f"{results['cpu']} CPU, {results['threads']} threads"
+    print(f"{results['arch']}, batch {results['batch_size']}, {results['precision']}"
+          f"{', compiled' if results['compile'] else ''}, {results['dataset']}, on {where} (commit {results['commit']})")
+    print(f"images/s (each image two views); PIL pipeline with {results['num_workers']} DataLoader workers")
+    print("| method | recipe | (a) tensor pipeline | (b) training step | (c) end to end | (d) PIL pipeline | "
+          "epoch of 50k images, end to end |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in results["methods"].items():
+        cell = lambda key: f"{row[key]:,.0f}" if key in row else "—"  # noqa: E731
+        epoch = f"{50000 / row['end_to_end']:.1f} s" if "end_to_end" in row else "—"
+        print(f"| {name} | {row['augmentations']} | {cell('data')} | {cell('step')} | {cell('end_to_end')} | "
+              f"{cell('pil')} | {epoch} |")
+    per_core = {name: row for name, row in results["methods"].items() if "data_per_core" in row}
+    if per_core:
+        print("per CPU core (tensor pipeline / torch threads, PIL / workers): " + "; ".join(
+            f"{name} {row['data_per_core']:,.0f} vs {row['pil_per_core']:,.0f} = {row['data_per_core'] / row['pil_per_core']:.1f}x"
+            for name, row in per_core.items()))
+
+
+def print_ortho(results):
     print(f"{results['arch']} batch {results['batch_size']} on {results['gpu'] or results['cpu']} "
           f"({results['threads']} threads), {results['precision']}, {results['layers']} regularised layers")
     print("| --ortho | step (s) | penalty fwd+bwd alone (s) | penalty share of the step |")
@@ -94,8 +245,14 @@ def main(args):
         share = results.get(f"share_{kind}")
         print(f"| {kind} | {results[f'step_s_{kind}']:.4f} | {'—' if alone is None else f'{alone:.4f}'} | "
               f"{'—' if share is None else f'{100 * share:.1f}%'} |")
+
+
+def main(args):
+    results = bench_speed(args) if args.what == "speed" else bench_ortho(args)
+    (print_speed if args.what == "speed" else print_ortho)(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
