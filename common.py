@@ -344,6 +344,7 @@ def build_data(args):
     make, mean, std, image_size = source.make, source.mean, source.std, source.image_size
     args.image_size = image_size  # stored with the run, so evaluation rebuilds the same stem
     splits = tensor_arrays(source, args.pipeline)
+    args.pipeline = "pil" if splits is None else "tensor"  # stored with the run: a resume draws the same views
     if splits is not None:
         device = torch.device(args.device)
         if len(splits["pretrain"][0]) < args.batch_size:
