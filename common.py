@@ -730,7 +730,9 @@ class BatchedView:
             x = torch.where(coin(self.blur_p)[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
         if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
             x = torch.where(coin(self.solarize_p)[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once: a copy from host memory each call could stall the GPU queue
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------------------------
