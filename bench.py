@@ -28,7 +28,7 @@ import intl
 import simclr
 import vicreg
 from common import OrthogonalityRegularizer, autocast, build_backbone, build_data, build_optimizer, optimizer_step, \
-    positive_int, projection_mlp, resolve_device
+    positive_int, projection_mlp, resolve_device, resolve_precision
 from simclr import nt_xent_loss
 
 METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
@@ -58,8 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json)")
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    args.precision = resolve_precision(args.precision, args.device)
     args.out = args.out or f"bench_{args.what}.json"
     return args
 
@@ -139,13 +138,10 @@ class TimedLoader:
         return self.warmup + self.steps
 
     def __iter__(self):
-        batches = iter(self.loader)
+        batches = endless(self.loader)
         fixed = next(batches) if self.ready else None
-        for index in range(len(self)):
-            batch = fixed if self.ready else next(batches, None)
-            if batch is None:  # a short epoch: start another
-                batches = iter(self.loader)
-                batch = next(batches)
+        for _ in range(len(self)):
+            batch = fixed if self.ready else next(batches)
             sync(self.device)
             self.times.append(time.perf_counter())
             yield batch
@@ -174,9 +170,14 @@ def time_main(module, margs, data, warmup, steps, ready):
     return timed_loader.seconds_per_step()
 
 
+def endless(loader):
+    while True:
+        yield from loader
+
+
 def time_loader(loader, warmup, steps, device):
-    """Seconds per batch of iterating a loader (its images made on the device)."""
-    batches = iter(loader)
+    """Seconds per batch of iterating a loader (its images made on the device), over epochs."""
+    batches = endless(loader)
     for _ in range(warmup):
         next(batches)
     sync(device)

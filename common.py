@@ -72,6 +72,13 @@ def resolve_device(name):
     return name
 
 
+def resolve_precision(precision, device):
+    """'auto' -> bf16 autocast on a GPU, fp32 on the CPU (where bf16 convolutions are slow)."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
 def finalize_args(parser, args, method):
     """Fill the defaults that depend on other flags and check the combination; returns args.
 
@@ -109,8 +116,7 @@ def finalize_args(parser, args, method):
             die(f"--ortho-weight must be >= 0 (a penalty), got {args.ortho_weight:g}")
         args.method = method
     args.device = resolve_device(args.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    args.precision = resolve_precision(args.precision, args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         die("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if args.warmup_epochs > args.epochs:

@@ -1298,3 +1298,26 @@ def test_compiled_run_trains_like_the_eager_one(tmp_path, monkeypatch):
     losses = [[json.loads(line)["loss"] for line in open(f"runs/{name}/metrics.jsonl") if '"train"' in line]
               for name in ("eager", "compiled")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+
+
+def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, monkeypatch):
+    import bench
+    monkeypatch.chdir(tmp_path)
+    args = bench.parse_args(["speed", "--methods", "byol", "--arch", "convnet", "--synthetic-size", "300",
+                             "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device", "cpu"])
+    assert args.precision == "fp32"  # auto on the CPU
+    with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema:
+        results = bench.bench_speed(args)
+    assert ema.call_count == 2 * 3  # (b) and (c): one warm-up and two timed optimiser steps each
+    row = results["methods"]["byol"]
+    assert row["augmentations"] == "asymmetric" and all(row[key] > 0 for key in ("data", "step", "end_to_end", "pil"))
+    assert row["data_per_core"] == pytest.approx(row["data"] / torch.get_num_threads())
+    assert row["pil_per_core"] == pytest.approx(row["pil"])  # no workers: one core
+
+    class TwoBatches(list):
+        generator = None
+
+    ready = bench.TimedLoader(TwoBatches(["first", "second"]), 1, 3, torch.device("cpu"), ready=True)
+    assert list(ready) == ["first"] * 4 and len(ready.times) == 5  # one batch repeated: no data cost
+    fed = bench.TimedLoader(TwoBatches(["first", "second"]), 1, 3, torch.device("cpu"))
+    assert list(fed) == ["first", "second"] * 2  # a short epoch: the next one starts
