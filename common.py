@@ -264,7 +264,9 @@ def dataset_source(args):
         make = lambda split, transform: _torchvision_split(  # noqa: E731
             args.dataset, args.data_dir, split, transform)
         arrays = lambda split: _torchvision_arrays(args.dataset, args.data_dir, split)  # noqa: E731
-    return SimpleNamespace(make=make, arrays=functools.lru_cache(maxsize=None)(arrays), mean=mean, std=std,
+    load = functools.lru_cache(maxsize=None)(arrays)  # pretrain is the train split, except STL-10's: load it once
+    same_split = lambda split: "train" if split == "pretrain" and args.dataset != "stl10" else split  # noqa: E731
+    return SimpleNamespace(make=make, arrays=lambda split: load(same_split(split)), mean=mean, std=std,
                            image_size=image_size)
 
 
@@ -355,12 +357,16 @@ def build_data(args):
         device = torch.device(args.device)
         if len(splits["pretrain"][0]) < args.batch_size:
             die(f"--batch-size {args.batch_size} is larger than the {len(splits['pretrain'][0])} training images")
-        on_device = {split: (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
-                             torch.as_tensor(labels)) for split, (images, labels, _) in splits.items()}
+        moved = {}  # one device copy per distinct array: pretrain and train are usually the same images
+        for images, labels, _ in splits.values():
+            if id(images) not in moved:
+                moved[id(images)] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
+                                     torch.as_tensor(labels))
+        on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
         view1, view2 = (BatchedView(image_size, mean, std, **view) for view in recipe_settings(args.augmentations, image_size))
         train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, args.batch_size, device)
         eval_loader = lambda split: TensorEvalLoader(*on_device[split], image_size, mean, std, device)  # noqa: E731
-        megabytes = sum(images.nbytes for images, _ in on_device.values()) / 2**20
+        megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
         print(f"data: tensor pipeline, {len(train_loader.images)} training images as uint8 on {device} ({megabytes:.0f} MB)")
         return SimpleNamespace(train_loader=train_loader, eval_train_loader=eval_loader("train"),
                                eval_test_loader=eval_loader("test"), num_classes=len(splits["train"][2]),

@@ -1200,6 +1200,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
     assert tensor.pipeline == "tensor" and pil.pipeline == "pil"
+    assert tensor.train_loader.images is tensor.eval_train_loader.images  # one copy of the training images
     assert len(tensor.train_loader) == len(pil.train_loader) == 4 and tensor.num_classes == pil.num_classes == 10
     for loader_t, loader_p in ((tensor.eval_train_loader, pil.eval_train_loader), (tensor.eval_test_loader, pil.eval_test_loader)):
         (xt, yt), (xp, yp) = next(iter(loader_t)), next(iter(loader_p))
