@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from common import (
-    build_backbone, dataset_source, die, effective_rank, eval_transform, feature_spectra, load_checkpoint,
-    positive_int, regularised_layers, resolve_device, weight_spectra,
+    OrthogonalityRegularizer, build_backbone, dataset_source, die, effective_rank, eval_transform, feature_spectra,
+    load_checkpoint, positive_int, resolve_device, weight_spectra,
 )
 
 
@@ -75,12 +75,11 @@ def run_spectra(path, num_images, data_dir, device):
     test_set = source.make("test", eval_transform(source.image_size, source.mean, source.std))
     picked = torch.linspace(0, len(test_set) - 1, min(num_images, len(test_set))).long()  # spread over the classes
     images = torch.stack([test_set[i][0] for i in picked.tolist()]).to(device)            # (N, 3, H, W)
-    parts = {"backbone": backbone}
-    if getattr(run, "ortho_heads", False):  # the layers --ortho-heads regularised: projector and predictor too
-        parts["projector"] = projector
-        if part("predictor."):
-            parts["predictor"] = mlp_from_state_dict(part("predictor."))
-    layers = [(f"{prefix}.{name}", layer) for prefix, module in parts.items() for name, layer in regularised_layers(module)]
+    parts = nn.ModuleDict({"backbone": backbone, "projector": projector})
+    if part("predictor."):
+        parts["predictor"] = mlp_from_state_dict(part("predictor."))
+    regulariser = OrthogonalityRegularizer(parts, "none", heads=getattr(run, "ortho_heads", False))  # the run's layers
+    layers = list(zip(regulariser.layer_names, regulariser.layers))
     return run, {"weights": weight_spectra(layers),
                  "features": feature_spectra(backbone.to(device), projector.to(device), images)}
 
