@@ -153,7 +153,10 @@ class TimedLoader:
 
 
 def method_args(module, args, run_dir, pipeline):
+    # the reference recipe's optimiser on any dataset (BYOL's offline check has its own: SGD)
+    reference = module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
     return module.parse_args([
+        "--optimizer", reference.optimizer, "--base-lr", str(reference.base_lr), "--weight-decay", str(reference.weight_decay),
         "--dataset", args.dataset, "--data-dir", args.data_dir, "--synthetic-size", str(args.synthetic_size),
         "--arch", args.arch, "--batch-size", str(args.batch_size), "--epochs", "1", "--precision", args.precision,
         "--device", args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,

@@ -79,14 +79,22 @@ def resolve_precision(precision, device):
     return precision
 
 
-def finalize_args(parser, args, method):
-    """Fill the defaults that depend on other flags and check the combination; returns args.
+def finalize_args(parser, argv, method):
+    """Parse argv (None: the command line), fill the defaults that depend on other flags and check
+    the combination; returns args.
 
     --dataset synthetic without --arch/--epochs is the quick offline check: the convnet for 40
-    epochs (at 20, learning had often not started before the learning rate decayed). The warm-up,
+    epochs (at 20, learning had often not started before the learning rate decayed). A method whose
+    reference recipe does not learn within such a budget names its own for the check with
+    parser.set_defaults(synthetic_recipe={...}); flags given on the command line still win. The warm-up,
     when not given, is the method's reference value capped at a tenth of the epochs. --resume
     takes every argument from the checkpoint except RESUME_OVERRIDABLE.
     """
+    args = parser.parse_args(argv)
+    if args.dataset == "synthetic" and parser.get_default("synthetic_recipe"):
+        parser.set_defaults(**parser.get_default("synthetic_recipe"))
+        args = parser.parse_args(argv)  # the method's offline recipe as defaults: flags still win
+    vars(args).pop("synthetic_recipe", None)
     if args.resume:
         typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
         refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--arch", choices=ARCHS, default=None,
                         help="backbone; convnet is a 4-layer net for quick CPU checks only (default: resnet18, convnet for synthetic)")
     parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="pretraining epochs (default: 1000; 40 for synthetic)")
+                        help="pretraining epochs (default: 1000; synthetic: 40, or the method's own offline recipe)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, two views each (default: %(default)s)")
     parser.add_argument("--optimizer", choices=("lars", "sgd"), default=None,
                         help="lars excludes biases and norm parameters from weight decay and trust scaling; "
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     parser.add_argument("--proj-dim", type=positive_int, default=2048, help="projector output width (default: %(default)s)")
     parser.set_defaults(optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=2, final_lr_ratio=0.001,
                         augmentations="asymmetric")
-    return finalize_args(parser, parser.parse_args(argv), METHOD)
+    return finalize_args(parser, argv, METHOD)
 
 
 # ALGO LOGIC: loss

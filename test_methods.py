@@ -458,6 +458,24 @@ def test_base_lr_is_scaled_by_batch_over_256():
         simclr.parse_args(["--epochs", "5", "--warmup-epochs", "6"])
 
 
+def test_byol_offline_check_has_its_own_recipe_and_flags_still_win():
+    args = byol.parse_args(["--dataset", "synthetic"])
+    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs, args.eval_every) == \
+        ("sgd", 0.05, 5e-4, 80, 8, 8)
+    assert args.lr == pytest.approx(0.05) and args.augmentations == "asymmetric" and args.tau_base == 0.99
+    assert "synthetic_recipe" not in vars(args)  # not stored with the run: a resume reads the resolved values
+    # flags equal to the CIFAR defaults are still flags: this is the earlier offline default
+    args = byol.parse_args(["--dataset", "synthetic", "--optimizer", "lars", "--base-lr", "1.0",
+                            "--weight-decay", "1e-5", "--epochs", "40"])
+    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == ("lars", 1.0, 1e-5, 40, 4)
+    assert byol.parse_args(["--dataset", "synthetic", "--base-lr", "0.1"]).optimizer == "sgd"
+    args = byol.parse_args(["--dataset", "cifar10"])  # the reference recipe everywhere else
+    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == ("lars", 1.0, 1e-5, 1000, 10)
+    for module, reference in ((simclr, ("lars", 0.4, 1e-5)), (vicreg, ("lars", 0.3, 1e-4)), (intl, ("sgd", 0.3, 1e-4))):
+        args = module.parse_args(["--dataset", "synthetic"])
+        assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs) == (*reference, 40)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
@@ -1004,10 +1022,11 @@ def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "vicreg", "intl"])  # BYOL does not learn here (README)
+@pytest.mark.parametrize("method", ["simclr", "byol", "vicreg", "intl"])
 def test_method_learns_on_synthetic(tmp_path, method):
     """The README's offline command: kNN accuracy well above the random-init backbone's (seed 0,
-    measured with the PIL pipeline: SimCLR 61.0%, VICReg 58.2%, INTL 88.6% against 20.3%)."""
+    against 20.3%; SimCLR 61.0%, VICReg 58.2%, INTL 88.6% measured with the PIL pipeline, BYOL's
+    80-epoch SGD recipe with the tensor pipeline: see the README's Results)."""
     result = run_script(f"{method}.py", "--dataset", "synthetic", "--run-name", "learn", "--eval-every", "1000",
                         "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -1307,9 +1326,12 @@ def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, m
     args = bench.parse_args(["speed", "--methods", "byol", "--arch", "convnet", "--synthetic-size", "300",
                              "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device", "cpu"])
     assert args.precision == "fp32"  # auto on the CPU
-    with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema:
+    with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema, \
+            mock.patch.object(byol, "build_optimizer", wraps=byol.build_optimizer) as optimizer:
         results = bench.bench_speed(args)
     assert ema.call_count == 2 * 3  # (b) and (c): one warm-up and two timed optimiser steps each
+    # the reference recipe's optimiser (LARS, lr 1.0 x 64/256), not the offline check's SGD, on synthetic data
+    assert [(c.args[0], c.args[2], c.args[3]) for c in optimizer.call_args_list] == [("lars", 0.25, 1e-5)] * 2
     row = results["methods"]["byol"]
     assert row["augmentations"] == "asymmetric" and all(row[key] > 0 for key in ("data", "step", "end_to_end", "pil"))
     assert row["data_per_core"] == pytest.approx(row["data"] / torch.get_num_threads())
