@@ -89,7 +89,7 @@ def parse_args(argv=None):
     parser.set_defaults(optimizer="lars", base_lr=1.0, weight_decay=1e-5, warmup_epochs=10, final_lr_ratio=0.0,
                         augmentations="asymmetric")
     # The offline check (--dataset synthetic) uses SGD for 80 epochs: with the LARS recipe above BYOL
-    # learns there only after ~2,000 steps (README, BYOL deviation 5), more than a CPU check can afford.
+    # learns there only after 1,500+ steps (README, BYOL deviation 5), more than a CPU check can afford.
     parser.set_defaults(synthetic_recipe=dict(optimizer="sgd", base_lr=0.05, weight_decay=5e-4, epochs=80))
     return finalize_args(parser, argv, METHOD)
 
