@@ -206,9 +206,8 @@ def bench_speed(args):
                 row["data"] = images_per_s(time_loader(data.train_loader, args.warmup, args.steps, device))
             if "step" not in args.skip:
                 row["step"] = images_per_s(time_main(module, margs, data, args.warmup, args.steps, ready=True))
-            if "end_to_end" not in args.skip:
-                margs = method_args(module, args, run_dir, "tensor")
-                row["end_to_end"] = images_per_s(time_main(module, margs, build_data(margs), args.warmup, args.steps, ready=False))
+            if "end_to_end" not in args.skip:  # the same data: main() reseeds its loader every epoch
+                row["end_to_end"] = images_per_s(time_main(module, margs, data, args.warmup, args.steps, ready=False))
             if "pil" not in args.skip:  # past the batches the workers prefetch while starting
                 pil_args = method_args(module, args, run_dir, "pil")
                 warmup = max(args.warmup, 4 * max(1, args.num_workers))

@@ -83,17 +83,17 @@ def finalize_args(parser, argv, method):
     """Parse argv (None: the command line), fill the defaults that depend on other flags and check
     the combination; returns args.
 
-    --dataset synthetic without --arch/--epochs is the quick offline check: the convnet for 40
-    epochs (at 20, learning had often not started before the learning rate decayed). A method whose
-    reference recipe does not learn within such a budget names its own for the check with
+    --dataset synthetic is the quick offline check, whose defaults are the convnet for 40 epochs (at
+    20, learning had often not started before the learning rate decayed) and, for a method whose
+    reference recipe does not learn within such a budget, the settings it names with
     parser.set_defaults(synthetic_recipe={...}); flags given on the command line still win. The warm-up,
     when not given, is the method's reference value capped at a tenth of the epochs. --resume
     takes every argument from the checkpoint except RESUME_OVERRIDABLE.
     """
     args = parser.parse_args(argv)
-    if args.dataset == "synthetic" and parser.get_default("synthetic_recipe"):
-        parser.set_defaults(**parser.get_default("synthetic_recipe"))
-        args = parser.parse_args(argv)  # the method's offline recipe as defaults: flags still win
+    if args.dataset == "synthetic":  # parsed again with the offline check's defaults
+        parser.set_defaults(**{"arch": "convnet", "epochs": 40, **(parser.get_default("synthetic_recipe") or {})})
+        args = parser.parse_args(argv)
     vars(args).pop("synthetic_recipe", None)
     if args.resume:
         typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
@@ -109,9 +109,8 @@ def finalize_args(parser, argv, method):
                  "pipeline": "pil", "compile": False}
         args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
     else:
-        quick = args.dataset == "synthetic"
-        args.arch = args.arch or ("convnet" if quick else "resnet18")
-        args.epochs = args.epochs or (40 if quick else 1000)
+        args.arch = args.arch or "resnet18"
+        args.epochs = args.epochs or 1000
         if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
         args.eval_every = args.eval_every or max(1, args.epochs // 10)
