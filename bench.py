@@ -11,13 +11,13 @@ speed measures, per method: (a) the tensor pipeline alone (uint8 batch -> two au
 DataLoader with --num-workers workers. Prints a table and writes bench_speed.json (or --out).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import subprocess
 import tempfile
 import time
-from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -37,16 +37,20 @@ METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("speed", "ortho"), help="which benchmark")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS), help="speed: methods to time (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS),
+                        help="speed: methods to time (default: all)")
     parser.add_argument("--dataset", default="synthetic", help="speed: --dataset of the runs (default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="speed: --data-dir of the runs (default: %(default)s)")
     parser.add_argument("--synthetic-size", type=positive_int, default=10000,
-                        help="speed: images of --dataset synthetic; 50000 is a CIFAR-sized epoch (default: %(default)s)")
+                        help="speed: --dataset synthetic images; 50000 is a CIFAR-sized epoch (default: %(default)s)")
     parser.add_argument("--arch", default="resnet18", help="backbone (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, two views each (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=256,
+                        help="images per step, two views each (default: %(default)s)")
     parser.add_argument("--image-size", type=positive_int, default=32, help="ortho: crop size (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per measurement (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first; --compile needs more (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="timed steps per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps first; --compile needs more (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="speed: torch.compile the backbones, as the method flag")
@@ -93,7 +97,8 @@ def bench_ortho(args):
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone, feature_dim = build_backbone(args.arch, args.image_size)
-    model = nn.ModuleDict({"backbone": backbone, "projector": projection_mlp([feature_dim, 2048, 128], batch_norm=False)}).to(device)
+    projector = projection_mlp([feature_dim, 2048, 128], batch_norm=False)
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
     optimizer = build_optimizer("lars", model, 0.1, 1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     x1, x2 = (torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device) for _ in range(2))
@@ -155,19 +160,21 @@ class TimedLoader:
 def method_args(module, args, run_dir, pipeline):
     # the reference recipe's optimiser on any dataset (BYOL's offline check has its own: SGD)
     reference = module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
-    return module.parse_args([
-        "--optimizer", reference.optimizer, "--base-lr", str(reference.base_lr), "--weight-decay", str(reference.weight_decay),
-        "--dataset", args.dataset, "--data-dir", args.data_dir, "--synthetic-size", str(args.synthetic_size),
-        "--arch", args.arch, "--batch-size", str(args.batch_size), "--epochs", "1", "--precision", args.precision,
-        "--device", args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
-        "--log-every", "1000000", "--out-dir", run_dir, "--run-name", module.METHOD] + (["--compile"] if args.compile else []))
+    return module.parse_args(["--optimizer", reference.optimizer, "--base-lr", str(reference.base_lr), "--weight-decay",
+                              str(reference.weight_decay), "--dataset", args.dataset, "--data-dir", args.data_dir,
+                              "--synthetic-size", str(args.synthetic_size), "--arch", args.arch, "--batch-size",
+                              str(args.batch_size), "--epochs", "1", "--precision", args.precision, "--device",
+                              args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
+                              "--log-every", "1000000", "--out-dir", run_dir, "--run-name",
+                              module.METHOD] + (["--compile"] if args.compile else []))
 
 
 def time_main(module, margs, data, warmup, steps, ready):
     """Run the method's main() on `data` for warmup + steps steps; returns seconds per step."""
     timed_loader = TimedLoader(data.train_loader, warmup, steps, torch.device(margs.device), ready=ready)
-    fake = SimpleNamespace(**{**vars(data), "train_loader": timed_loader})
+    fake = dataclasses.replace(data, train_loader=timed_loader)
     with mock.patch.object(module, "build_data", lambda _: fake), \
+            mock.patch.object(module, "evaluate", lambda *a, **k: {}), \
             mock.patch.object(module, "end_of_epoch", lambda *a, **k: None):
         module.main(margs)
     return timed_loader.seconds_per_step()
@@ -213,15 +220,17 @@ def bench_speed(args):
                 warmup = max(args.warmup, 4 * max(1, args.num_workers))
                 row["pil"] = images_per_s(time_loader(build_data(pil_args).train_loader, warmup, args.steps, device))
             if device.type == "cpu" and "data" in row and "pil" in row:  # the target: tensor >= 3x PIL per core
-                row["data_per_core"], row["pil_per_core"] = row["data"] / torch.get_num_threads(), row["pil"] / max(1, args.num_workers)
+                row["data_per_core"] = row["data"] / torch.get_num_threads()
+                row["pil_per_core"] = row["pil"] / max(1, args.num_workers)
         results["methods"][name] = row
     return results
 
 
 def print_speed(results):
     where = results["gpu"] or f"{results['cpu']} CPU, {results['threads']} threads"
-    print(f"{results['arch']}, batch {results['batch_size']}, {results['precision']}"
-          f"{', compiled' if results['compile'] else ''}, {results['dataset']}, on {where} (commit {results['commit']})")
+    compiled = ", compiled" if results["compile"] else ""
+    print(f"{results['arch']}, batch {results['batch_size']}, {results['precision']}{compiled}, {results['dataset']}, "
+          f"on {where} (commit {results['commit']})")
     print(f"images/s (each image two views); PIL pipeline with {results['num_workers']} DataLoader workers")
     print("| method | recipe | (a) tensor pipeline | (b) training step | (c) end to end | (d) PIL pipeline | "
           "epoch of 50k images, end to end |")
@@ -233,9 +242,9 @@ def print_speed(results):
               f"{cell('pil')} | {epoch} |")
     per_core = {name: row for name, row in results["methods"].items() if "data_per_core" in row}
     if per_core:
-        print("per CPU core (tensor pipeline / torch threads, PIL / workers): " + "; ".join(
-            f"{name} {row['data_per_core']:,.0f} vs {row['pil_per_core']:,.0f} = {row['data_per_core'] / row['pil_per_core']:.1f}x"
-            for name, row in per_core.items()))
+        ratios = [f"{name} {row['data_per_core']:,.0f} vs {row['pil_per_core']:,.0f} = "
+                  f"{row['data_per_core'] / row['pil_per_core']:.1f}x" for name, row in per_core.items()]
+        print("per CPU core (tensor pipeline / torch threads, PIL / workers): " + "; ".join(ratios))
 
 
 def print_ortho(results):

@@ -1,9 +1,11 @@
-# What every method file shares: seeding, data, augmentations, backbone, optimisation, evaluation,
-# checkpoints and logging. Flat on purpose; it imports nothing else from the project, so copying a
-# method file plus this one into another project is enough.
+# What every method file shares, in the order a reader of a method file needs it: the backbone and
+# heads, the augmentation recipes, the orthogonality penalties, optimisation and evaluation; then,
+# below the PLUMBING banner, flags, data loading, checkpoints and logging. It imports nothing else
+# from the project: a method file plus this one, copied into another project, train on an
+# ImageFolder tree or torchvision's datasets. Two optional modules beside it add speed and an
+# offline data set: tensor_pipeline.py (batched augmentation on the GPU) and synthetic.py.
 import argparse
-import functools
-import hashlib
+import dataclasses
 import json
 import math
 import os
@@ -21,742 +23,10 @@ import torchvision.transforms as T
 from PIL import Image
 
 
-def die(message):
-    """End a command-line run with one readable line and exit code 2 (bad input, missing data)."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-# ----------------------------------------------------------------------------------------------
-# Seeding
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def seed_worker(worker_id):
-    # DataLoader gives each worker torch seed = base_seed + worker_id; derive python/numpy from it,
-    # otherwise forked workers would share the parent's python and numpy RNG states.
-    worker_seed = torch.initial_seed() % 2**32
-    random.seed(worker_seed)
-    np.random.seed(worker_seed)
-
-
-# ----------------------------------------------------------------------------------------------
-# Arguments shared by every method file (the block itself is written out in each file)
-# ----------------------------------------------------------------------------------------------
-DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+# ---- Backbone and projection heads ---------------------------------------------------------------
 ARCHS = ("resnet18", "resnet34", "resnet50", "convnet")
-AUGMENTATIONS = ("symmetric", "asymmetric", "vicreg")
-# Flags a resumed run may change; every other flag comes from the checkpoint, so the run continues
-# exactly as it started.
-RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every")
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1, so that a 0 ends in a usage line rather than a traceback."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def resolve_device(name):
-    """'auto' -> cuda when torch sees a GPU, else cpu; a GPU asked for but absent is an error."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {name} was asked for but torch sees no GPU; use --device cpu")
-    return name
-
-
-def resolve_precision(precision, device):
-    """'auto' -> bf16 autocast on a GPU, fp32 on the CPU (where bf16 convolutions are slow)."""
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return precision
-
-
-def finalize_args(parser, argv, method):
-    """Parse argv (None: the command line), fill the defaults that depend on other flags and check
-    the combination; returns args.
-
-    --dataset synthetic is the quick offline check, whose defaults are the convnet for 40 epochs (at
-    20, learning had often not started before the learning rate decayed) and, for a method whose
-    reference recipe does not learn within such a budget, the settings it names with
-    parser.set_defaults(synthetic_recipe={...}); flags given on the command line still win. The warm-up,
-    when not given, is the method's reference value capped at a tenth of the epochs. --resume
-    takes every argument from the checkpoint except RESUME_OVERRIDABLE.
-    """
-    args = parser.parse_args(argv)
-    if args.dataset == "synthetic":  # parsed again with the offline check's defaults
-        parser.set_defaults(**{"arch": "convnet", "epochs": 40, **(parser.get_default("synthetic_recipe") or {})})
-        args = parser.parse_args(argv)
-    vars(args).pop("synthetic_recipe", None)
-    if args.resume:
-        typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
-        refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))
-        if refused:
-            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, "
-                f"--data-dir and --log-every may change, not {', '.join(refused)}")
-        stored = load_checkpoint(args.resume)
-        if stored.get("method") != method or "args" not in stored:
-            die(f"{args.resume} is not a {method}.py training checkpoint "
-                f"(written by {stored.get('method', 'something else')}); resume it with that script")
-        older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False,  # runs saved before these flags existed
-                 "pipeline": "pil", "compile": False}
-        args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
-    else:
-        args.arch = args.arch or "resnet18"
-        args.epochs = args.epochs or 1000
-        if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
-            args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
-        args.eval_every = args.eval_every or max(1, args.epochs // 10)
-        args.lr = args.base_lr * args.batch_size / 256  # the linear scaling rule
-        if args.ortho == "none" and args.ortho_weight:
-            die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
-        if args.ortho_weight is None:
-            args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
-        if args.ortho_weight < 0:
-            die(f"--ortho-weight must be >= 0 (a penalty), got {args.ortho_weight:g}")
-        args.method = method
-    args.device = resolve_device(args.device)
-    args.precision = resolve_precision(args.precision, args.device)
-    if args.precision == "fp16" and not args.device.startswith("cuda"):
-        die("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    if args.warmup_epochs > args.epochs:
-        die(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}; "
-            f"pass --warmup-epochs {args.epochs // 10} or fewer")
-    return args
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-# Per-channel mean and std of each training set. `folder` uses ImageNet's; `synthetic` is measured
-# on the generated images.
-NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
-MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
-
-
-class ArrayImageDataset(torch.utils.data.Dataset):
-    """Images held in memory as a uint8 array (N, H, W, 3); yields (transform(PIL image), label)."""
-
-    def __init__(self, images, labels, classes, transform):
-        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
-
-
-def _torchvision_split(name, data_dir, split, transform):
-    """One split of a torchvision dataset, downloaded into data_dir if missing."""
-    try:
-        if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split != "test", transform=transform, download=True)
-        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
-        return torchvision.datasets.STL10(data_dir, split=stl_split, transform=transform, download=True)
-    except Exception as exc:  # offline: URLError, a timeout, a checksum failure...
-        die(f"could not load or download {name} into {os.path.abspath(data_dir)} "
-            f"({type(exc).__name__}). Offline? Put torchvision's {name} files there, or use "
-            f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
-
-
-def _image_folder(data_dir, split, transform):
-    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test."""
-    candidates = ["train"] if split != "test" else ["test", "val"]
-    for sub in candidates:
-        path = os.path.join(data_dir, sub)
-        if os.path.isdir(path):
-            try:
-                return torchvision.datasets.ImageFolder(path, transform=transform)
-            except (FileNotFoundError, RuntimeError) as exc:
-                die(f"{path} holds no images in class folders ({exc}); "
-                    f"expected {path}/<class>/<image>.jpg")
-    die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(candidates))}: "
-        f"--dataset folder expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; "
-        f"set --data-dir")
-
-
-def _folder_image_size(data_dir):
-    """Shorter side of the first training image; images above 64 px are trained at 224."""
-    dataset = _image_folder(data_dir, "train", None)
-    with Image.open(dataset.samples[0][0]) as image:
-        side = min(image.size)
-    return side if side <= 96 else 224
-
-
-def _folder_arrays(data_dir, split):
-    """A folder split decoded once into uint8 (N, H, W, 3), cached as an .npz beside the data (or in
-    ~/.cache when the data is read-only) and reused while its files are unchanged. Returns
-    (images, labels, classes), or a string saying why it stays on disk."""
-    dataset = _image_folder(data_dir, split, None)
-    stats = [(path, os.stat(path)) for path, _ in dataset.samples]
-    fingerprint = hashlib.sha1("\n".join(f"{path} {st.st_size} {st.st_mtime_ns}" for path, st in stats).encode()).hexdigest()
-    name = f"{os.path.basename(dataset.root)}-uint8-{fingerprint[:16]}.npz"
-    beside = os.path.join(os.path.dirname(os.path.abspath(dataset.root)), ".cache")
-    elsewhere = os.path.join(os.path.expanduser("~/.cache/ssl-spectrum"),
-                             hashlib.sha1(os.path.abspath(dataset.root).encode()).hexdigest()[:16])
-    for folder in (beside, elsewhere):
-        if os.path.isfile(os.path.join(folder, name)):
-            with np.load(os.path.join(folder, name)) as cached:
-                return cached["images"], cached["labels"], dataset.classes
-    with Image.open(dataset.samples[0][0]) as first:
-        width, height = first.size
-    if len(stats) * height * width * 3 > MEMORY_LIMIT_BYTES:
-        return f"{dataset.root} would take more than {MEMORY_LIMIT_BYTES / 2**30:.0f} GiB as uint8"
-    images = np.empty((len(stats), height, width, 3), dtype=np.uint8)
-    print(f"decoding {len(stats)} images of {dataset.root} once into memory...", flush=True)
-    for index, (path, _) in enumerate(dataset.samples):
-        with Image.open(path) as image:
-            if image.size != (width, height):
-                return f"{path} is {image.size[0]}x{image.size[1]}, not {width}x{height} like the first image"
-            images[index] = np.asarray(image.convert("RGB"))
-    labels = np.array(dataset.targets, dtype=np.int64)
-    for folder in (beside, elsewhere):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=images, labels=labels)
-            os.replace(tmp, os.path.join(folder, name))
-            print(f"cached as {os.path.join(folder, name)}")
-            break
-        except OSError:
-            continue
-    return images, labels, dataset.classes
-
-
-def _torchvision_arrays(name, data_dir, split):
-    """The uint8 (N, H, W, 3) array torchvision's CIFAR / STL-10 classes hold, labels, classes."""
-    dataset = _torchvision_split(name, data_dir, split, None)
-    if name == "stl10":  # stored (N, 3, H, W); the unlabelled images have label -1
-        return dataset.data.transpose(0, 2, 3, 1), np.asarray(dataset.labels, dtype=np.int64), dataset.classes
-    return dataset.data, np.asarray(dataset.targets, dtype=np.int64), dataset.classes
-
-
-def dataset_source(args):
-    """How to get args.dataset: a namespace with make(split, transform) -> a Dataset for split in
-    pretrain/train/test (the PIL pipeline), arrays(split) -> (uint8 images (N, H, W, 3), labels,
-    classes) or a string saying why the split cannot be held in memory (the tensor pipeline), the
-    normalisation mean and std and the crop size."""
-    if args.dataset == "synthetic":
-        train_images, train_labels = make_synthetic_images(args.synthetic_size, seed=0)
-        test_images, test_labels = make_synthetic_images(max(args.synthetic_size // 5, 10), seed=1)
-        pixels = train_images.reshape(-1, 3) / 255.0
-        mean, std = tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
-        image_size = args.image_size or NATIVE_SIZE["synthetic"]
-        arrays = lambda split: ((test_images, test_labels, SYNTHETIC_CLASSES) if split == "test"  # noqa: E731
-                                else (train_images, train_labels, SYNTHETIC_CLASSES))
-        make = lambda split, transform: ArrayImageDataset(*arrays(split), transform)  # noqa: E731
-    elif args.dataset == "folder":
-        mean, std = NORMALIZATION["folder"]
-        image_size = args.image_size or _folder_image_size(args.data_dir)
-        make = lambda split, transform: _image_folder(args.data_dir, split, transform)  # noqa: E731
-        arrays = lambda split: _folder_arrays(args.data_dir, "test" if split == "test" else "train")  # noqa: E731
-    else:
-        mean, std = NORMALIZATION[args.dataset]
-        image_size = args.image_size or NATIVE_SIZE[args.dataset]
-        make = lambda split, transform: _torchvision_split(  # noqa: E731
-            args.dataset, args.data_dir, split, transform)
-        arrays = lambda split: _torchvision_arrays(args.dataset, args.data_dir, split)  # noqa: E731
-    load = functools.lru_cache(maxsize=None)(arrays)  # pretrain is the train split, except STL-10's: load it once
-    same_split = lambda split: "train" if split == "pretrain" and args.dataset != "stl10" else split  # noqa: E731
-    return SimpleNamespace(make=make, arrays=lambda split: load(same_split(split)), mean=mean, std=std,
-                           image_size=image_size)
-
-
-def loader_kwargs(args):
-    # Workers are restarted every epoch and seeded from the loader's generator, which
-    # set_data_epoch reseeds: a resumed run draws the same augmentations as an uninterrupted one.
-    return dict(num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
-                worker_init_fn=seed_worker)
-
-
-class TensorTwoViewLoader:
-    """The tensor pipeline's pretraining loader: shuffled batches of uint8 images (N, 3, H, W) held
-    on `device`, each turned into two views by BatchedView with its own draws, dropping the last
-    partial batch. Yields ((x1, x2), labels) like the PIL path's DataLoader. `generator`, on the same
-    device, draws the order and the augmentations; set_data_epoch reseeds it every epoch."""
-
-    def __init__(self, images, labels, view1, view2, batch_size, device):
-        self.images, self.labels, self.view1, self.view2 = images, labels.to(device), view1, view2
-        self.batch_size, self.device = batch_size, device
-        self.generator = torch.Generator(device)
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-    def __len__(self):
-        return len(self.images) // self.batch_size
-
-    def __iter__(self):
-        order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
-        for batch in order[:len(self) * self.batch_size].view(len(self), self.batch_size):
-            images = self.images[batch]                                             # (B, 3, H, W) uint8
-            x1, x2 = (view(images, self.generator).contiguous(memory_format=self.memory_format)
-                      for view in (self.view1, self.view2))
-            yield (x1, x2), self.labels[batch]
-
-
-class TensorEvalLoader:
-    """Clean, normalised batches of in-memory uint8 images, in order: eval_transform on tensors."""
-
-    def __init__(self, images, labels, image_size, mean, std, device, batch_size=512):
-        self.images, self.labels, self.image_size, self.batch_size = images, labels, image_size, batch_size
-        self.mean = torch.tensor(mean, device=device)[:, None, None]
-        self.std = torch.tensor(std, device=device)[:, None, None]
-
-    def __len__(self):
-        return math.ceil(len(self.images) / self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, len(self.images), self.batch_size):
-            x = self.images[start:start + self.batch_size].float() / 255                 # (B, 3, H, W)
-            num, _, height, width = x.shape
-            size = self.image_size
-            if (height, width) != (size, size):  # T.Resize(size) (shorter side) then T.CenterCrop(size)
-                out_h, out_w = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
-                whole = lambda length: torch.full((num,), length, device=x.device)  # noqa: E731
-                x = resized_crop(x, whole(0), whole(0), whole(height), whole(width), (out_h, out_w))
-                top, left = int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
-                x = x[:, :, top:top + size, left:left + size]
-            yield (x - self.mean) / self.std, self.labels[start:start + self.batch_size]
-
-
-def tensor_arrays(source, pipeline):
-    """The three splits as arrays for --pipeline tensor/auto, or None to use the PIL pipeline."""
-    if pipeline == "pil":
-        return None
-    splits = {split: source.arrays(split) for split in ("pretrain", "train", "test")}
-    reasons = [value for value in splits.values() if isinstance(value, str)]
-    if reasons and pipeline == "tensor":
-        die(f"--pipeline tensor needs the dataset in memory, but {reasons[0]}; use --pipeline pil")
-    if reasons:
-        print(f"--pipeline auto: {reasons[0]}; using the PIL pipeline")
-        return None
-    return splits
-
-
-def build_data(args):
-    """The pretraining loader (two augmented views per image) and clean loaders for evaluation:
-    the tensor pipeline (uint8 images on the training device, BatchedView) when the dataset fits in
-    memory, else torchvision's PIL transforms in DataLoader workers (--pipeline).
-
-    Returns a namespace: train_loader, eval_train_loader, eval_test_loader, num_classes, image_size,
-    mean, std, pipeline.
-    """
-    source = dataset_source(args)
-    make, mean, std, image_size = source.make, source.mean, source.std, source.image_size
-    args.image_size = image_size  # stored with the run, so evaluation rebuilds the same stem
-    splits = tensor_arrays(source, args.pipeline)
-    args.pipeline = "pil" if splits is None else "tensor"  # stored with the run: a resume draws the same views
-    if splits is not None:
-        device = torch.device(args.device)
-        if len(splits["pretrain"][0]) < args.batch_size:
-            die(f"--batch-size {args.batch_size} is larger than the {len(splits['pretrain'][0])} training images")
-        moved = {}  # one device copy per distinct array: pretrain and train are usually the same images
-        for images, labels, _ in splits.values():
-            if id(images) not in moved:
-                moved[id(images)] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
-                                     torch.as_tensor(labels))
-        on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
-        view1, view2 = (BatchedView(image_size, mean, std, **view) for view in recipe_settings(args.augmentations, image_size))
-        train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, args.batch_size, device)
-        eval_loader = lambda split: TensorEvalLoader(*on_device[split], image_size, mean, std, device)  # noqa: E731
-        megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
-        print(f"data: tensor pipeline, {len(train_loader.images)} training images as uint8 on {device} ({megabytes:.0f} MB)")
-        return SimpleNamespace(train_loader=train_loader, eval_train_loader=eval_loader("train"),
-                               eval_test_loader=eval_loader("test"), num_classes=len(splits["train"][2]),
-                               image_size=image_size, mean=mean, std=std, pipeline="tensor")
-
-    print(f"data: PIL pipeline, torchvision transforms in {args.num_workers} DataLoader workers")
-    view1, view2 = augmentation_recipe(args.augmentations, image_size, mean, std)
-    clean = eval_transform(image_size, mean, std)
-    pretrain_set = make("pretrain", TwoViews(view1, view2))
-    eval_train_set, eval_test_set = make("train", clean), make("test", clean)
-    if len(pretrain_set) < args.batch_size:
-        die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
-    num_classes = len(eval_train_set.classes)
-
-    generator = torch.Generator()
-    generator.manual_seed(args.seed)
-    train_loader = torch.utils.data.DataLoader(
-        pretrain_set, batch_size=args.batch_size, shuffle=True, drop_last=True, generator=generator,
-        **loader_kwargs(args))
-    eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
-        dataset, batch_size=512, shuffle=False, generator=torch.Generator(), **loader_kwargs(args))  # leaves the global RNG alone
-    return SimpleNamespace(train_loader=train_loader, eval_train_loader=eval_loader(eval_train_set),
-                           eval_test_loader=eval_loader(eval_test_set), num_classes=num_classes,
-                           image_size=image_size, mean=mean, std=std, pipeline="pil")
-
-
-def set_data_epoch(data, seed, epoch):
-    """Reseed the shuffling so epoch e sees the same order whether or not the run was resumed."""
-    data.train_loader.generator.manual_seed(seed * 100_003 + epoch)
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic data: an offline, labelled image set for tests and first runs
-# ----------------------------------------------------------------------------------------------
-SYNTHETIC_CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard",
-                     "concentric rings", "polka dots", "grid lines", "triangles (apex up)",
-                     "zigzag stripes", "random blobs")
-
-
-def _triangle_wave(t):
-    """Triangle wave with period 1 and values in [-1, 1]."""
-    return 4.0 * np.abs(t - np.floor(t + 0.5)) - 1.0
-
-
-def make_synthetic_images(num_images, seed, image_size=32):
-    """Generate a labelled 10-class texture dataset where the class lives in shape/texture.
-
-    Every image is a two-colour pattern (random, independent foreground and background
-    colours) that fills the whole frame, so the class survives heavy crops, colour jitter,
-    grayscale and horizontal flips. Period, phase, small rotation, edge softness, lighting
-    gradient, noise and occluding discs are random per image.
-    Returns images uint8 (N, H, W, 3) and labels int64 (N,), balanced over the 10 classes.
-    """
-    rng = np.random.default_rng(seed)
-    n, s = num_images, image_size
-    labels = np.arange(n, dtype=np.int64) % 10
-    rng.shuffle(labels)
-
-    def u(lo, hi):  # one random value per image, broadcastable to (N, S, S)
-        return rng.uniform(lo, hi, size=(n, 1, 1)).astype(np.float32)
-
-    scale = s / 32.0
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    x, y = xx[None] - u(0, s), yy[None] - u(0, s)           # random origin = random position
-    period = u(4.0, 9.0) * scale                            # texture scale in pixels
-    # Base orientation per class; diagonal stripes pick +-45 deg so the class is flip-invariant.
-    base = np.zeros((n, 1, 1), dtype=np.float32)
-    base[labels[:, None, None] == 2] = rng.choice([-45.0, 45.0], size=(labels == 2).sum())
-    theta = np.deg2rad(base + u(-12, 12))
-    cu = (x * np.cos(theta) + y * np.sin(theta)) / period   # rotated coordinates, in periods
-    cv = (-x * np.sin(theta) + y * np.cos(theta)) / period
-    fu, fv = cu - np.floor(cu), cv - np.floor(cv)           # position inside a lattice cell
-
-    # Signed "distance" to the pattern edge, in periods: > 0 foreground, < 0 background.
-    field = np.zeros((n, s, s), dtype=np.float32)
-    for c in range(10):
-        i = labels == c
-        u_, v_, fu_, fv_ = cu[i], cv[i], fu[i], fv[i]
-        if c in (0, 2):    # horizontal / diagonal stripes
-            f = 0.25 * _triangle_wave(v_)
-        elif c == 1:       # vertical stripes
-            f = 0.25 * _triangle_wave(u_)
-        elif c == 3:       # checkerboard
-            f = 0.25 * _triangle_wave(u_) * _triangle_wave(v_)
-        elif c == 4:       # concentric rings around the random origin
-            f = 0.25 * _triangle_wave(np.sqrt(u_ ** 2 + v_ ** 2))
-        elif c == 5:       # polka dots: a disc in every lattice cell
-            f = u(0.22, 0.35)[i] - np.hypot(fu_ - 0.5, fv_ - 0.5)
-        elif c == 6:       # grid lines (graph paper)
-            f = u(0.08, 0.15)[i] - np.minimum(np.minimum(fu_, 1 - fu_), np.minimum(fv_, 1 - fv_))
-        elif c == 7:       # triangles with the apex at the top (image y grows downwards)
-            f = np.minimum(0.9 - fv_, 0.5 * (fv_ - 0.1) - np.abs(fu_ - 0.5))
-        elif c == 8:       # zigzag lines: horizontal stripes displaced by a triangle wave
-            f = 0.25 * _triangle_wave(v_ + u(0.5, 1.0)[i] * _triangle_wave(u_ * u(0.5, 1.0)[i]))
-        else:              # random blobs: low-pass filtered white noise, thresholded at zero
-            k = np.fft.fftfreq(s)
-            k2 = k[:, None] ** 2 + k[None, :] ** 2
-            spec = np.fft.fft2(rng.standard_normal((i.sum(), s, s)))
-            smooth = np.fft.ifft2(spec * np.exp(-k2 * 2 * period[i] ** 2)).real
-            f = 0.15 * smooth / (smooth.std(axis=(1, 2), keepdims=True) + 1e-8)
-        field[i] = f
-
-    # Soft edges: sharpness in "per period" units; field*period is roughly a distance in pixels.
-    mask = np.clip(0.5 + field * period * u(0.7, 2.0), 0.0, 1.0)[..., None]
-
-    # Independent random colours; re-draw the foreground until its luminance differs enough,
-    # so the pattern survives grayscale conversion.
-    lum_w = np.array([0.299, 0.587, 0.114])
-    bg = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
-    fg = rng.uniform(0, 1, size=(n, 3)).astype(np.float32)
-    bad = np.abs((fg - bg) @ lum_w) < 0.25
-    while bad.any():
-        fg[bad] = rng.uniform(0, 1, size=(bad.sum(), 3))
-        bad = np.abs((fg - bg) @ lum_w) < 0.25
-    img = bg[:, None, None, :] * (1 - mask) + fg[:, None, None, :] * mask
-
-    # Nuisances: linear lighting gradient, a few occluding discs, pixel noise.
-    grad_dir = u(0, 2 * np.pi)
-    light = 1.0 + u(0, 0.5) * ((xx * np.cos(grad_dir) + yy * np.sin(grad_dir)) / s - 0.5)
-    img = img * light[..., None]
-    for _ in range(2):
-        occ_on = rng.uniform(size=(n, 1, 1)) < 0.5
-        occ = (np.hypot(xx - u(0, s), yy - u(0, s)) < u(2, 5) * scale) & occ_on
-        img = np.where(occ[..., None], rng.uniform(0, 1, size=(n, 1, 1, 3)).astype(np.float32), img)
-    img = img + rng.standard_normal(img.shape, dtype=np.float32) * u(0.0, 0.08)[..., None]
-    images = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return images, labels
-
-
-# ----------------------------------------------------------------------------------------------
-# Augmentations
-# ----------------------------------------------------------------------------------------------
-def view_transform(crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
-                   saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
-                   flip_p=0.5):
-    """One augmented view of a PIL image. Each call draws its own random parameters, so every
-    image in a batch gets its own crop, jitter and flip."""
-    steps = [
-        T.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p),
-        T.RandomGrayscale(p=gray_p),
-    ]
-    if blur_p > 0:  # kernel about 10% of the image side, odd; sigma as in SimCLR
-        kernel_size = 2 * int(0.05 * crop_size) + 1
-        steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_p))
-    if solarize_p > 0:
-        steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
-    steps += [T.RandomHorizontalFlip(p=flip_p), T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
-
-
-class TwoViews:
-    """Turns one image into the pair (view1(image), view2(image)), each with its own randomness."""
-
-    def __init__(self, view1, view2):
-        self.view1, self.view2 = view1, view2
-
-    def __call__(self, image):
-        return self.view1(image), self.view2(image)
-
-
-# Per-view settings of the published CIFAR configs (solo-learn). Inputs above 64 px add Gaussian
-# blur: 1.0 / 0.1 for views with different probabilities, 0.5 on both views otherwise.
-AUGMENTATION_RECIPES = {
-    # SimCLR: strong jitter, no blur, no solarisation (solo-learn's 90.74% run)
-    "symmetric": [dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)] * 2,
-    # BYOL, INTL: solarisation on the second view only
-    "asymmetric": [dict(solarize_p=0.0), dict(solarize_p=0.2)],
-    # VICReg: milder crops, solarisation 0.1 on both views
-    "vicreg": [dict(crop_scale=(0.2, 1.0), solarize_p=0.1)] * 2,
-}
-
-
-def recipe_settings(name, crop_size):
-    """The keyword settings of each view of a named recipe, for images of crop_size pixels."""
-    view1, view2 = (dict(settings) for settings in AUGMENTATION_RECIPES[name])
-    if crop_size > 64:
-        symmetric = view1 == view2
-        view1["blur_p"], view2["blur_p"] = (0.5, 0.5) if symmetric else (1.0, 0.1)
-    return view1, view2
-
-
-def augmentation_recipe(name, crop_size, mean, std):
-    """The two PIL view transforms of a named recipe, for images of crop_size pixels."""
-    return tuple(view_transform(crop_size, mean, std, **view) for view in recipe_settings(name, crop_size))
-
-
-def eval_transform(image_size, mean, std):
-    """Clean images for evaluation: resize the shorter side, centre crop, normalise."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Batched augmentations: the same recipes on tensors, with every image's own random parameters
-# ----------------------------------------------------------------------------------------------
-# torchvision's transforms draw one set of parameters per call, so on a batch every image would get
-# the same crop and colours (wrong for SSL). BatchedView draws them per image, on the images'
-# device, without host syncs. Images are float (B, 3, H, W) in [0, 1] between the steps.
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
-
-
-def uniform(low, high, size, generator):
-    """Uniform draws in [low, high) on the generator's device; low and high may be tensors."""
-    return low + (high - low) * torch.rand(size, generator=generator, device=generator.device)
-
-
-def sample_crop_boxes(num, height, width, scale, ratio, generator):
-    """RandomResizedCrop.get_params for `num` images at once; returns (top, left, h, w), each (num,).
-    As torchvision: up to 10 tries of an area fraction uniform in `scale` and an aspect ratio
-    log-uniform in `ratio`; the first box that fits is placed uniformly; if none fits, the central
-    crop with the aspect ratio clamped to `ratio`. All 10 tries are drawn at once (same law)."""
-    tries = 10
-    area = height * width * uniform(scale[0], scale[1], (num, tries), generator)
-    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), (num, tries), generator))
-    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # (num, tries)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first try that fits (0 if none)
-    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
-    if width / height < min(ratio):
-        fallback_w, fallback_h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        fallback_w, fallback_h = round(height * max(ratio)), height
-    else:
-        fallback_w, fallback_h = width, height
-    w = torch.where(found, w, float(fallback_w))
-    h = torch.where(found, h, float(fallback_h))
-    top = torch.where(found, torch.floor(uniform(0, height - h + 1, num, generator)), (height - fallback_h) // 2)
-    left = torch.where(found, torch.floor(uniform(0, width - w + 1, num, generator)), (width - fallback_w) // 2)
-    return top.long(), left.long(), h.long(), w.long()
-
-
-def bicubic_resize_matrix(start, length, in_size, out_size):
-    """(B, out_size, in_size) weights that resample pixels [start, start + length) of one image axis
-    to out_size pixels, per image: PIL's bicubic filter (a = -0.5), widened by the scale factor when
-    shrinking (antialias), each row normalised to sum 1; the PIL path's resize, written as a matrix."""
-    scale = (length.float() / out_size)[:, None, None]                                  # (B, 1, 1)
-    centre = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[:, None] * scale
-    pixel = torch.arange(in_size, device=start.device) + 0.5                           # (in_size,)
-    t = (pixel - centre).abs() / scale.clamp(min=1)                                     # (B, out, in)
-    a = -0.5
-    weights = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                          torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
-    inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])  # only the crop
-    weights = weights * inside
-    return weights / weights.sum(dim=2, keepdim=True)
-
-
-def resized_crop(images, top, left, h, w, size, flip=None):
-    """Crop each image to its own box and resize it to size (an int for square, or (height, width))
-    with the bicubic matrices, an optional per-image horizontal flip folded into the column weights.
-    As PIL: columns first, clipped to [0, 1] before the rows (PIL's uint8 clips bicubic overshoot
-    between its two passes; without this, high-contrast edges differ by ~14 of 255 levels).
-    (B, 3, H, W) -> (B, 3, out_h, out_w)."""
-    out_h, out_w = (size, size) if isinstance(size, int) else size
-    rows = bicubic_resize_matrix(top, h, images.shape[2], out_h)                      # (B, out_h, H)
-    cols = bicubic_resize_matrix(left, w, images.shape[3], out_w)                     # (B, out_w, W)
-    if flip is not None:
-        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
-    x = (images @ cols[:, None].transpose(2, 3)).clamp(0, 1)                         # (B, 3, H, out_w)
-    return (rows[:, None] @ x).clamp(0, 1)
-
-
-def grayscale(images):
-    """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    r, g, b = images.unbind(1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def blend(images, target, factor):
-    """factor * images + (1 - factor) * target, clipped to [0, 1]; factor (B,). Brightness blends
-    with black, contrast with the image's mean grey, saturation with its own grey (torchvision)."""
-    return torch.lerp(target, images, factor[:, None, None, None]).clamp_(0, 1)
-
-
-def rgb_to_hsv(images):
-    """(B, 3, H, W) RGB -> hue, saturation, value, each (B, H, W) in [0, 1]."""
-    r, g, b = images.unbind(1)
-    value = images.amax(dim=1)
-    chroma = value - images.amin(dim=1)
-    saturation = chroma / value.clamp(min=1e-12)
-    safe = chroma.clamp(min=1e-12)
-    hue = torch.where(value == r, ((g - b) / safe) % 6,
-                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
-    return torch.where(chroma > 0, hue, 0.0), saturation, value
-
-
-def hsv_to_rgb(hue, saturation, value):
-    """Inverse of rgb_to_hsv: channel n in (5, 3, 1) for (R, G, B) is V - V S clip(min(k, 4 - k), 0, 1)
-    with k = (n + 6 H) mod 6."""
-    channels = [value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1)
-                for k in ((n + 6 * hue) % 6 for n in (5, 3, 1))]
-    return torch.stack(channels, dim=1)
-
-
-def adjust_hue(images, shift):
-    """Rotate the hue by shift (B,) turns, in HSV as torchvision."""
-    hue, saturation, value = rgb_to_hsv(images)
-    return hsv_to_rgb((hue + shift[:, None, None]) % 1.0, saturation, value)
-
-
-def sample_color_jitter(num, brightness, contrast, saturation, hue, p, generator):
-    """torchvision's ColorJitter parameters for `num` images, applied with probability p: factors
-    uniform in [1 - x, 1 + x] (hue shift in [-x, x]) and the four adjustments in a uniformly random
-    order, drawn as a random position for the hue among a random order of the three blends. Images
-    left alone get identity factors. Returns factors (B, 3) of brightness, contrast, saturation,
-    hue_shift (B,), blend_order (B, 3) with 0 brightness / 1 contrast / 2 saturation, hue_position (B,)."""
-    apply = uniform(0, 1, num, generator) < p
-    factors = torch.stack([uniform(max(0.0, 1 - x), 1 + x, num, generator)
-                           for x in (brightness, contrast, saturation)], dim=1)
-    return SimpleNamespace(
-        factors=torch.where(apply[:, None], factors, 1.0),
-        hue_shift=torch.where(apply, uniform(-hue, hue, num, generator), 0.0),
-        blend_order=uniform(0, 1, (num, 3), generator).argsort(dim=1),
-        hue_position=torch.randint(0, 4, (num,), generator=generator, device=generator.device))
-
-
-def color_jitter(images, jitter):
-    """Apply sample_color_jitter's draws: the blends placed before the hue, the hue, then the blends
-    after it (each image its own order; the costly hue runs once for the whole batch)."""
-    def blends(images, before_hue):
-        for slot in range(3):
-            which = jitter.blend_order[:, slot]                                # (B,) 0, 1 or 2
-            active = (slot < jitter.hue_position) == before_hue
-            factor = torch.where(active, jitter.factors.gather(1, which[:, None])[:, 0], 1.0)
-            gray = grayscale(images)                                           # (B, 1, H, W)
-            target = torch.where((which == 0)[:, None, None, None], 0.0,      # black, mean grey, grey
-                                 torch.where((which == 1)[:, None, None, None], gray.mean(dim=(1, 2, 3), keepdim=True), gray))
-            images = blend(images, target, factor)
-        return images
-
-    images = blends(images, before_hue=True)
-    images = adjust_hue(images, jitter.hue_shift)
-    return blends(images, before_hue=False)
-
-
-def gaussian_blur(images, sigma, kernel_size):
-    """Blur each image with its own sigma (B,): a separable Gaussian of kernel_size taps with
-    reflect padding, as torchvision's gaussian_blur."""
-    num, channels, height, width = images.shape
-    half = kernel_size // 2
-    x = torch.linspace(-half, half, kernel_size, device=images.device)
-    kernel = torch.exp(-0.5 * (x / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*3, K)
-    flat = F.pad(images.reshape(1, num * channels, height, width), [half] * 4, mode="reflect")
-    flat = F.conv2d(flat, kernel[:, None, None, :], groups=num * channels)               # along rows
-    flat = F.conv2d(flat, kernel[:, None, :, None], groups=num * channels)               # along columns
-    return flat.reshape(num, channels, height, width)
-
-
-class BatchedView:
-    """One augmented view of a batch of uint8 images (B, 3, H, W) -> normalised float (B, 3, S, S):
-    view_transform's steps, in its order, with the same settings, each image with its own draws."""
-
-    def __init__(self, crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
-                 saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
-                 flip_p=0.5):
-        self.crop_size, self.crop_scale, self.ratio = crop_size, crop_scale, (3 / 4, 4 / 3)
-        self.jitter = (brightness, contrast, saturation, hue, jitter_p)
-        self.gray_p, self.blur_p, self.solarize_p, self.flip_p = gray_p, blur_p, solarize_p, flip_p
-        self.kernel_size = 2 * int(0.05 * crop_size) + 1
-        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
-
-    def __call__(self, images, generator):
-        num, _, height, width = images.shape
-        coin = lambda p: torch.rand(num, generator=generator, device=generator.device) < p  # noqa: E731
-        top, left, h, w = sample_crop_boxes(num, height, width, self.crop_scale, self.ratio, generator)
-        x = resized_crop(images.float() / 255, top, left, h, w, self.crop_size, flip=coin(self.flip_p))
-        x = color_jitter(x, sample_color_jitter(num, *self.jitter, generator))
-        x = torch.where(coin(self.gray_p)[:, None, None, None], grayscale(x).expand_as(x), x)
-        if self.blur_p > 0:
-            sigma = uniform(0.1, 2.0, num, generator)
-            x = torch.where(coin(self.blur_p)[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
-        if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
-            x = torch.where(coin(self.solarize_p)[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
-        if self.mean.device != x.device:  # moved once: a copy from host memory each call could stall the GPU queue
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x - self.mean) / self.std
-
-
-# ----------------------------------------------------------------------------------------------
-# Backbone and projection heads
-# ----------------------------------------------------------------------------------------------
 def small_convnet():
     """Four conv layers, 256 features. For quick CPU checks only: its accuracies say nothing
     about ResNet results."""
@@ -766,13 +36,17 @@ def small_convnet():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def build_backbone(arch, image_size):
-    """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim)."""
+def build_backbone(arch, image_size, stem_padding=2):
+    """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim).
+    At 64 px or less the CIFAR stem replaces the 7x7/2 conv and max-pool, which lose most of 32 px:
+    a 3x3/1 conv with padding 2, so 32 px inputs give 34x34 maps (solo-learn fca55e3
+    solo/methods/base.py; INTL 0aa69af src/resnet.py pads 1 before a padding-1 conv, the same).
+    Runs saved before this stem used padding 1 (their stored stem_padding)."""
     if arch == "convnet":
         return small_convnet(), 256
     net = getattr(torchvision.models, arch)(weights=None)
-    if image_size <= 64:  # CIFAR stem: keep the resolution, a 7x7/2 conv and max-pool lose most of 32 px
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
         net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features  # 512 for resnet18/34, 2048 for resnet50
     net.fc = nn.Identity()
@@ -791,9 +65,74 @@ def projection_mlp(dims, batch_norm=True, hidden_bias=True):
     return nn.Sequential(*layers)
 
 
-# ----------------------------------------------------------------------------------------------
-# Orthogonality regularization (He, Du, Ma, NeurIPS 2024): SO and SRIP penalties on the weights
-# ----------------------------------------------------------------------------------------------
+# ---- Augmentation recipes: two views of every image, each with its own random draws --------------
+def view_transform(crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
+                   saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
+                   flip_p=0.5):
+    """One augmented view of a PIL image. Each call draws its own random parameters, so every
+    image in a batch gets its own crop, jitter and flip."""
+    steps = [T.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+             T.RandomApply([T.ColorJitter(brightness, contrast, saturation, hue)], p=jitter_p),
+             T.RandomGrayscale(p=gray_p)]
+    if blur_p > 0:
+        kernel_size = blur_kernel_size(crop_size)
+        steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [T.RandomHorizontalFlip(p=flip_p), T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+def blur_kernel_size(crop_size):
+    """Taps of the Gaussian blur (sigma in [0.1, 2], SimCLR's): about 10% of the image side, odd, and
+    at least 13 = 2 ceil(3 x 2) + 1, so that small images are blurred by the full Gaussian like
+    solo-learn's PIL GaussianBlur(radius=sigma) (fca55e3 solo/utils/contrastive_dataloader.py)."""
+    return max(2 * int(0.05 * crop_size) + 1, 13)
+
+
+class TwoViews:
+    """Turns one image into the pair (view1(image), view2(image)), each with its own randomness."""
+
+    def __init__(self, view1, view2):
+        self.view1, self.view2 = view1, view2
+
+    def __call__(self, image):
+        return self.view1(image), self.view2(image)
+
+
+# Per-view settings of the CIFAR configs behind the published numbers (solo-learn fca55e3: bash_files/
+# pretrain/cifar/*.sh, solo/args/{dataset,utils}.py; INTL 0aa69af cifar/transform.py).
+AUGMENTATION_RECIPES = {
+    # SimCLR: strong jitter; blur 0.5 (solo-learn's default, not switched off by its CIFAR script until e90d420)
+    "symmetric": [dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5)] * 2,
+    # BYOL, INTL: solarisation on the second view only; blur 1.0 / 0.1 above 64 px only (recipe_settings)
+    "asymmetric": [dict(solarize_p=0.0), dict(solarize_p=0.2)],
+    # VICReg: milder crops, solarisation 0.1 and blur 0.5 on both views
+    "vicreg": [dict(crop_scale=(0.2, 1.0), solarize_p=0.1, blur_p=0.5)] * 2,
+}
+AUGMENTATIONS = tuple(AUGMENTATION_RECIPES)
+
+
+def recipe_settings(name, crop_size):
+    """The keyword settings of each view of a named recipe, for images of crop_size pixels."""
+    view1, view2 = (dict(settings) for settings in AUGMENTATION_RECIPES[name])
+    if crop_size > 64 and view1 != view2:  # the asymmetric pair blurs only above 64 px (solo-learn)
+        view1["blur_p"], view2["blur_p"] = 1.0, 0.1
+    return view1, view2
+
+
+def augmentation_recipe(name, crop_size, mean, std):
+    """The two PIL view transforms of a named recipe, for images of crop_size pixels."""
+    return tuple(view_transform(crop_size, mean, std, **view) for view in recipe_settings(name, crop_size))
+
+
+def eval_transform(image_size, mean, std):
+    """Clean images for evaluation: resize the shorter side, centre crop, normalise."""
+    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+# ---- Orthogonality regularization (He, Du, Ma, NeurIPS 2024): SO and SRIP penalties on the weights ----
 ORTHO_KINDS = ("none", "so", "srip")
 ORTHO_WEIGHTS = {"none": 0.0, "so": 1e-6, "srip": 1e-3}  # the paper's values for ResNet-18/50
 SRIP_WARMUP_ITERS, SRIP_STEP_ITERS = 100, 2  # power iterations at the start, then per training step
@@ -899,9 +238,7 @@ class OrthogonalityRegularizer(nn.Module):
         return f"{len(self.layers)} layers ({', '.join(self.layer_names)})"
 
 
-# ----------------------------------------------------------------------------------------------
-# Optimisation
-# ----------------------------------------------------------------------------------------------
+# ---- Optimisation --------------------------------------------------------------------------------
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al., 2017), clipped as in NVIDIA's
     LARC. For each parameter of a group with lars=True:
@@ -940,15 +277,24 @@ class LARS(torch.optim.Optimizer):
                 p.add_(state["momentum_buffer"], alpha=-lr)
 
 
-def build_optimizer(name, model, lr, weight_decay):
+def build_optimizer(name, model, lr, weight_decay, probe_lr=None):
     """lars: biases and norm parameters (ndim <= 1) get neither weight decay nor trust scaling, as
-    in solo-learn's CIFAR configs. sgd: momentum 0.9, weight decay on every parameter."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    in solo-learn's CIFAR configs. sgd: momentum 0.9, weight decay on every parameter. The online
+    probe (model["online_probe"], if any) trains in the same optimiser and schedule, at probe_lr at
+    the schedule's peak and without weight decay (solo-learn fca55e3 solo/methods/base.py)."""
+    probe = set(model["online_probe"].parameters()) if "online_probe" in model else set()
+    params = [p for p in model.parameters() if p.requires_grad and p not in probe]
+    ratio = (probe_lr or lr) / lr
+    probe_groups = [{"params": [p for p in probe if p.ndim > 1], "weight_decay": 0.0, "lr_ratio": ratio},
+                    {"params": [p for p in probe if p.ndim <= 1], "weight_decay": 0.0, "lr_ratio": ratio,
+                     "lars": False}]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        groups = [{"params": params}] + [{k: v for k, v in g.items() if k != "lars"} for g in probe_groups]
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay)
     groups = [{"params": [p for p in params if p.ndim > 1]},
-              {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}]
-    return LARS(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, trust_coefficient=0.02)
+              {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}] + probe_groups
+    return LARS([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay,
+                trust_coefficient=0.02)
 
 
 def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0):
@@ -961,8 +307,9 @@ def warmup_cosine(step, total_steps, warmup_steps, peak, final=0.0):
 
 
 def set_lr(optimizer, lr):
+    """Set every group's lr to lr, times the group's lr_ratio where it has one (the online probe)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
     return lr
 
 
@@ -972,19 +319,6 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def prepare_model(model, args):
-    """The GPU fast path: channels_last weights (with channels_last inputs, cuDNN's tensor-core
-    kernels need no layout changes) and, with --compile, every backbone compiled in place (state
-    dict names unchanged, so checkpoints load with or without it)."""
-    if args.device.startswith("cuda"):
-        model.to(memory_format=torch.channels_last)
-    if args.compile:
-        for name, module in model.named_modules():
-            if name.endswith("backbone"):
-                module.compile()
-    return model
-
-
 def optimizer_step(loss, optimizer, scaler):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -992,9 +326,7 @@ def optimizer_step(loss, optimizer, scaler):
     scaler.update()
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- Evaluation: kNN and a linear probe on frozen clean features, and collapse diagnostics -------
 @torch.no_grad()
 def extract_features(backbone, loader, device):
     """Backbone features of every image in loader, in eval mode: (N, F) float32 and (N,) labels."""
@@ -1010,14 +342,17 @@ def extract_features(backbone, loader, device):
 
 @torch.no_grad()
 def knn_predict(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1,
-                weighted=True, chunk_size=1024):
-    """kNN on cosine similarity. weighted: each of the k neighbours votes exp(sim / temperature)
-    for its class (InstDisc, solo-learn); otherwise a plain majority vote (ties: lowest class)."""
-    train_features = F.normalize(train_features, dim=1)
+                weighted=True, metric="cosine", chunk_size=1024):
+    """kNN. metric cosine: neighbours by cosine similarity, and weighted, each of the k votes
+    exp(sim / temperature) for its class (InstDisc; lightly's benchmark protocol: k=200, T=0.1).
+    metric euclidean: neighbours by Euclidean distance of the raw features (INTL's 5-NN, 0aa69af
+    cifar/eval/evaluate.py). Unweighted: a majority vote, ties to the lowest class (as INTL's)."""
+    if metric == "cosine":
+        train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
     k = min(k, len(train_features))
     predictions = []
-    for chunk in F.normalize(test_features, dim=1).split(chunk_size):
-        similarity = chunk @ train_features.T                          # (C, N_train)
+    for chunk in test_features.split(chunk_size):
+        similarity = chunk @ train_features.T if metric == "cosine" else -torch.cdist(chunk, train_features)  # (C, N)
         top_similarity, top_index = similarity.topk(k, dim=1)          # (C, k)
         votes = (top_similarity / temperature).exp() if weighted else torch.ones_like(top_similarity)
         scores = torch.zeros(len(chunk), num_classes, dtype=votes.dtype, device=votes.device)
@@ -1057,6 +392,14 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     return top1, (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
 
 
+def online_probe_loss(probe, features, labels):
+    """solo-learn's online linear classifier (fca55e3 solo/methods/base.py): cross-entropy of a
+    Linear on the *detached* backbone features of each view, averaged over the views, so no gradient
+    reaches the backbone. Images without a label (-1, STL-10's unlabeled split) are left out."""
+    losses = [F.cross_entropy(probe(h.detach().float()), labels, ignore_index=-1) for h in features]
+    return torch.stack(losses).nan_to_num().mean()  # a batch without any label gives 0
+
+
 def effective_rank(spectrum):
     """exp of the entropy of a spectrum normalised to sum 1 (Roy & Vetterli 2007; RankMe):
     k equal values give k, one non-zero value gives 1."""
@@ -1064,60 +407,6 @@ def effective_rank(spectrum):
     p = p / p.sum()
     entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
     return entropy.exp().item()
-
-
-# Spectra, to see dimensional collapse: sorted singular values of the weights and eigenvalues of
-# feature covariances, as in the OR paper's figures. effective_rank() above summarises each.
-def weight_spectra(named_layers):
-    """{name: singular values of its weight matrix, descending} for (name, layer) pairs."""
-    with torch.no_grad():
-        return {name: torch.linalg.svdvals(weight_matrix(layer).double()) for name, layer in named_layers}
-
-
-def covariance_eigenvalues(x):
-    """Eigenvalues of the covariance of the rows of x (N, D), in float64, descending."""
-    x = x.double()
-    x = x - x.mean(dim=0)
-    return torch.linalg.eigvalsh(x.T @ x / (len(x) - 1)).flip(0).clamp(min=0)
-
-
-def feature_stages(backbone):
-    """(name, module, which) to hook: a ResNet's input to layer1 (after the stem) and the output of
-    each stage; the convnet's output of each ReLU block."""
-    if hasattr(backbone, "layer1"):
-        stages = [("stem", backbone.layer1, "input")]
-        return stages + [(f"layer{i}", getattr(backbone, f"layer{i}"), "output") for i in range(1, 5)]
-    relus = [m for m in backbone if isinstance(m, nn.ReLU)]
-    return [(f"block{i + 1}", m, "output") for i, m in enumerate(relus)]
-
-
-@torch.no_grad()
-def feature_spectra(backbone, projector, images, batch_size=256):
-    """{stage: covariance eigenvalues} of features of images (N, 3, H, W), in eval mode: every
-    stage of the backbone (channels averaged over space, (N, C)), the representation and the
-    projector output."""
-    captured = {}
-
-    def hook(name, which):
-        def record(module, inputs, output):
-            x = inputs[0] if which == "input" else output
-            captured.setdefault(name, []).append(x.float().mean(dim=(2, 3)).cpu())  # (B, C)
-        return record
-
-    handles = [m.register_forward_hook(hook(name, which)) for name, m, which in feature_stages(backbone)]
-    backbone.eval(), projector.eval()
-    rep, proj = [], []
-    try:
-        for batch in images.split(batch_size):
-            h = backbone(batch)
-            rep.append(h.float().cpu())
-            proj.append(projector(h).float().cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
-    features = {name: torch.cat(chunks) for name, chunks in captured.items()}
-    features.update(representation=torch.cat(rep), projector=torch.cat(proj))
-    return {name: covariance_eigenvalues(x) for name, x in features.items()}
 
 
 def embedding_stats(z):
@@ -1131,14 +420,21 @@ def embedding_stats(z):
 
 
 def evaluate(model, data, device, linear=False):
-    """kNN (k=200 weighted, and 5-NN) on clean features, collapse diagnostics of the representation
-    and of the projector output, the mean orthogonality error of the regularised layers (the
-    backbone's when the model has no regularizer), and optionally the linear probe."""
+    """On clean features: weighted kNN (k=200), 5-NN (cosine, and INTL's Euclidean), the online
+    probe's accuracy (when the model has one), collapse diagnostics of the representation and the
+    projector output, the mean orthogonality error of the regularised layers (the backbone's when the
+    model has no regularizer), and optionally the fast linear probe."""
     train_features, train_labels = extract_features(model["backbone"], data.eval_train_loader, device)
     test_features, test_labels = extract_features(model["backbone"], data.eval_test_loader, device)
     knn = lambda **kw: accuracy(knn_predict(  # noqa: E731
         train_features, train_labels, test_features, data.num_classes, **kw), test_labels)
-    results = {"knn_top1": knn(k=200, temperature=0.1), "knn5_top1": knn(k=5, weighted=False)}
+    results = {"knn_top1": knn(k=200, temperature=0.1), "knn5_top1": knn(k=5, weighted=False),
+               "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean")}
+    if "online_probe" in model:
+        with torch.no_grad():
+            top5 = model["online_probe"](test_features.to(device)).topk(min(5, data.num_classes), dim=1).indices.cpu()
+        results["online_top1"] = accuracy(top5[:, 0], test_labels)
+        results["online_top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
     projector, was_training = model["projector"], model["projector"].training
     with torch.no_grad():  # projector output of the cached clean features, (N, D)
         z = torch.cat([projector.eval()(h.to(device)).float().cpu() for h in train_features.split(4096)])
@@ -1154,9 +450,330 @@ def evaluate(model, data, device, linear=False):
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints and logging
-# ----------------------------------------------------------------------------------------------
+# ##############################################################################################
+# PLUMBING: flags, seeding, data loading, checkpoints and logging. Nothing here is a method's
+# maths; read it when something about a run (not a result) surprises you.
+# ##############################################################################################
+
+# ---- Flags ---------------------------------------------------------------------------------------
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every")
+
+
+def die(message):
+    """End a command-line run with one readable line and exit code 2 (bad input, missing data)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1, so that a 0 ends in a usage line rather than a traceback."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_decay, warmup_epochs,
+                    final_lr_ratio, augmentations, probe_lr):
+    """The optimisation and augmentation flags of every method, with its recipe as their defaults: each
+    method file calls this with its real values, so the recipe reads at a glance."""
+    add = parser.add_argument_group("recipe (defaults: this method's reference configuration)").add_argument
+    add("--epochs", type=positive_int, default=epochs, help="pretraining epochs (default: %(default)s)")
+    add("--batch-size", type=positive_int, default=batch_size,
+        help="images per step, two views each (default: %(default)s)")
+    add("--optimizer", choices=("lars", "sgd"), default=optimizer,
+        help="lars: biases and norms excluded from weight decay and trust scaling; sgd: momentum 0.9, decay on "
+             "every parameter (default: %(default)s)")
+    add("--base-lr", type=float, default=base_lr,
+        help="lr at batch 256; peak lr = base-lr x batch / 256 (default: %(default)s)")
+    add("--weight-decay", type=float, default=weight_decay, help="L2 weight decay (default: %(default)s)")
+    add("--warmup-epochs", type=int, default=warmup_epochs,
+        help="linear warm-up, then a cosine, per step (default: %(default)s, at most a tenth of --epochs unless given)")
+    add("--final-lr-ratio", type=float, default=final_lr_ratio,
+        help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
+    add("--augmentations", choices=AUGMENTATIONS, default=augmentations,
+        help="named two-view recipe of the published configs, see README (default: %(default)s)")
+    add("--probe-lr", type=float, default=probe_lr,
+        help="peak lr of the online linear probe, not scaled by the batch, no weight decay (default: %(default)s)")
+
+
+def add_common_args(parser):
+    """The infrastructure flags every method shares: data, device, precision, pipeline, logging, run
+    folder, resume and the orthogonality regularizer."""
+    add = parser.add_argument_group("data").add_argument
+    add("--dataset", choices=DATASETS, default="cifar10",
+        help="cifar10/cifar100/stl10 download into --data-dir; folder reads DATA_DIR/train and DATA_DIR/test (or "
+             "val) as ImageFolders; synthetic is generated offline (default: %(default)s)")
+    add("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
+    add("--synthetic-size", type=positive_int, default=5000,
+        help="training images of --dataset synthetic; the test set is a fifth (default: %(default)s)")
+    add("--image-size", type=positive_int, default=None,
+        help="crop size (default: the dataset's: 32 CIFAR, 96 STL-10, a folder's first image)")
+    add("--pipeline", choices=("auto", "tensor", "pil"), default="auto",
+        help="tensor: uint8 images in memory on the training device, augmented in batches (tensor_pipeline.py); "
+             "pil: torchvision transforms in DataLoader workers; auto: tensor when it fits (default: %(default)s)")
+    add("--num-workers", type=int, default=min(8, torch.get_num_threads()),
+        help="data loading processes of the pil pipeline (default: %(default)s, the CPU threads up to 8)")
+    add = parser.add_argument_group("run").add_argument
+    add("--arch", choices=ARCHS, default="resnet18",
+        help="backbone; convnet is a 4-layer net for quick CPU checks only (default: %(default)s)")
+    add("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
+    add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+        help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s: bf16 on a GPU, else fp32)")
+    add("--compile", action="store_true", help="torch.compile the backbone (slow start, faster steps on a GPU)")
+    add("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order (default: %(default)s)")
+    add("--eval-every", type=positive_int, default=None,
+        help="kNN every N epochs and at the end (default: a tenth of --epochs)")
+    add("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
+    add("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
+    add("--run-name", default=None, help="run folder name (default: method-dataset-arch-seed-time)")
+    add("--resume", default=None, metavar="PATH",
+        help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, --data-dir "
+             "and --log-every may change)")
+    add = parser.add_argument_group("orthogonality regularization (He, Du, Ma, NeurIPS 2024)").add_argument
+    add("--ortho", choices=ORTHO_KINDS, default="none",
+        help="penalty on the backbone's conv and linear weights: so = soft orthogonality, srip = spectral norm of "
+             "W^T W - I (default: %(default)s)")
+    add("--ortho-weight", type=float, default=None,
+        help="weight of the --ortho penalty (default: 1e-6 for so, 1e-3 for srip, the paper's ResNet values)")
+    add("--ortho-heads", action="store_true", help="regularise the projector and predictor too, not only the backbone")
+
+
+def parse_run_args(parser, argv, method, offline_check):
+    """Parse argv (None: the command line) and return args, with the defaults that depend on other
+    flags filled in and the combination checked.
+
+    --dataset synthetic is the quick offline check: the method's `offline_check` settings (e.g. the
+    convnet for 40 epochs) replace the recipe's defaults there, and flags given on the command line
+    still win. --warmup-epochs, when not given, is capped at a tenth of --epochs; --eval-every
+    defaults to a tenth of --epochs. --resume takes every argument from the checkpoint except
+    RESUME_OVERRIDABLE.
+    """
+    parser.epilog = ("--dataset synthetic (the offline check) changes these defaults: "
+                     + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in offline_check.items()))
+    args = parser.parse_args(argv)
+    if args.dataset == "synthetic":  # parsed again with the offline check's defaults
+        parser.set_defaults(**offline_check)
+        args = parser.parse_args(argv)
+    if args.resume:
+        typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
+        refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))
+        if refused:
+            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, "
+                f"--data-dir and --log-every may change, not {', '.join(refused)}")
+        stored = load_checkpoint(args.resume)
+        if stored.get("method") != method or "args" not in stored:
+            die(f"{args.resume} is not a {method}.py training checkpoint "
+                f"(written by {stored.get('method', 'something else')}); resume it with that script")
+        older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False,  # runs saved before these flags existed
+                 "pipeline": "pil", "compile": False, "stem_padding": 1}
+        args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
+    else:
+        if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
+            args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
+        args.eval_every = args.eval_every or max(1, args.epochs // 10)
+        if args.ortho == "none" and args.ortho_weight:
+            die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
+        if args.ortho_weight is None:
+            args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
+        if args.ortho_weight < 0:
+            die(f"--ortho-weight must be >= 0 (a penalty), got {args.ortho_weight:g}")
+        args.method, args.stem_padding = method, 2  # stored: runs saved before the 34 px stem used 1
+    args.device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, args.device)
+    if args.precision == "fp16" and not args.device.startswith("cuda"):
+        die("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    if args.warmup_epochs > args.epochs:
+        die(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}; "
+            f"pass --warmup-epochs {args.epochs // 10} or fewer")
+    return args
+
+
+def resolve_device(name):
+    """'auto' -> cuda when torch sees a GPU, else cpu; a GPU asked for but absent is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {name} was asked for but torch sees no GPU; use --device cpu")
+    return name
+
+
+def resolve_precision(precision, device):
+    """'auto' -> bf16 autocast on a GPU, fp32 on the CPU (where bf16 convolutions are slow)."""
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
+# ---- Seeding and the device ----------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_worker(worker_id):
+    # DataLoader gives each worker torch seed = base_seed + worker_id; derive python/numpy from it,
+    # otherwise forked workers would share the parent's python and numpy RNG states.
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def prepare_model(model, device, compile=False):
+    """The GPU fast path: channels_last weights (with channels_last inputs, cuDNN's tensor-core
+    kernels need no layout changes) and, with --compile, every backbone compiled in place (state
+    dict names unchanged, so checkpoints load with or without it)."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        for name, module in model.named_modules():
+            if name.endswith("backbone"):
+                module.compile()
+    return model
+
+
+# ---- Data loading --------------------------------------------------------------------------------
+# Per-channel mean and std of each training set. `folder` uses ImageNet's; `synthetic` is measured
+# on the generated images.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
+
+
+def torchvision_split(name, data_dir, split, transform):
+    """One split of a torchvision dataset, downloaded into data_dir if missing."""
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return cls(data_dir, train=split != "test", transform=transform, download=True)
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+        return torchvision.datasets.STL10(data_dir, split=stl_split, transform=transform, download=True)
+    except Exception as exc:  # offline: URLError, a timeout, a checksum failure...
+        die(f"could not load or download {name} into {os.path.abspath(data_dir)} "
+            f"({type(exc).__name__}). Offline? Put torchvision's {name} files there, or use "
+            f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
+
+
+def image_folder(data_dir, split, transform):
+    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test."""
+    candidates = ["train"] if split != "test" else ["test", "val"]
+    for sub in candidates:
+        path = os.path.join(data_dir, sub)
+        if os.path.isdir(path):
+            try:
+                return torchvision.datasets.ImageFolder(path, transform=transform)
+            except (FileNotFoundError, RuntimeError) as exc:
+                die(f"{path} holds no images in class folders ({exc}); "
+                    f"expected {path}/<class>/<image>.jpg")
+    die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(candidates))}: "
+        f"--dataset folder expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; "
+        f"set --data-dir")
+
+
+def folder_image_size(data_dir):
+    """Shorter side of the first training image; images above 64 px are trained at 224."""
+    dataset = image_folder(data_dir, "train", None)
+    with Image.open(dataset.samples[0][0]) as image:
+        side = min(image.size)
+    return side if side <= 96 else 224
+
+
+def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000):
+    """How to get a dataset: a namespace with make(split, transform) -> a Dataset for split in
+    pretrain/train/test, the normalisation mean and std, the crop size (image_size, else the
+    dataset's own), and name and data_dir (for tensor_pipeline.py)."""
+    if dataset == "synthetic":
+        try:
+            import synthetic
+        except ImportError:
+            die("--dataset synthetic needs synthetic.py beside common.py; use --dataset folder or cifar10")
+        splits = synthetic.splits(synthetic_size)
+        mean, std = synthetic.normalization(splits["train"][0])
+        image_size = image_size or NATIVE_SIZE["synthetic"]
+        make = lambda split, transform: synthetic.ArrayImageDataset(*splits[split], transform)  # noqa: E731
+    elif dataset == "folder":
+        mean, std = NORMALIZATION["folder"]
+        image_size = image_size or folder_image_size(data_dir)
+        make = lambda split, transform: image_folder(data_dir, split, transform)  # noqa: E731
+    else:
+        mean, std = NORMALIZATION[dataset]
+        image_size = image_size or NATIVE_SIZE[dataset]
+        make = lambda split, transform: torchvision_split(dataset, data_dir, split, transform)  # noqa: E731
+    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std, image_size=image_size)
+
+
+def loader_kwargs(num_workers, device):
+    # Workers are restarted every epoch and seeded from the loader's generator, which
+    # set_data_epoch reseeds: a resumed run draws the same augmentations as an uninterrupted one.
+    return dict(num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=seed_worker)
+
+
+@dataclasses.dataclass
+class Data:
+    """What build_data returns. A method's loop reads only train_loader: any iterable with len()
+    that yields ((x1, x2), labels), two augmented views (B, 3, H, W), works, a plain
+    torch.utils.data.DataLoader included (with a `generator`, set_data_epoch makes resume exact).
+    The eval loaders yield clean, normalised (images, labels) batches in order."""
+    train_loader: object
+    eval_train_loader: object
+    eval_test_loader: object
+    num_classes: int
+    image_size: int            # the crop size it chose: stored with the run, so a resume rebuilds the same
+    mean: tuple
+    std: tuple
+    pipeline: str              # "tensor" or "pil", as chosen by --pipeline auto
+
+
+def build_data(args):
+    """The pretraining loader (two augmented views per image) and clean loaders for evaluation:
+    the tensor pipeline (tensor_pipeline.py: uint8 images on the training device, augmented in
+    batches) when it is beside this file and the dataset fits in memory, else torchvision's PIL
+    transforms in DataLoader workers (--pipeline). Reads args, changes nothing; returns Data."""
+    source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size)
+    if args.pipeline != "pil":
+        try:
+            import tensor_pipeline
+        except ImportError:
+            if args.pipeline == "tensor":
+                die("--pipeline tensor needs tensor_pipeline.py beside common.py; use --pipeline pil")
+            print("data: tensor_pipeline.py is not beside common.py; using the PIL pipeline")
+        else:
+            data = tensor_pipeline.build_data(source, args.pipeline, args.augmentations, args.batch_size,
+                                              torch.device(args.device))
+            if data is not None:
+                return data
+
+    print(f"data: PIL pipeline, torchvision transforms in {args.num_workers} DataLoader workers")
+    view1, view2 = augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std)
+    clean = eval_transform(source.image_size, source.mean, source.std)
+    pretrain_set = source.make("pretrain", TwoViews(view1, view2))
+    eval_train_set, eval_test_set = source.make("train", clean), source.make("test", clean)
+    if len(pretrain_set) < args.batch_size:
+        die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
+    train_loader = torch.utils.data.DataLoader(
+        pretrain_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed), **loader_kwargs(args.num_workers, args.device))
+    eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
+        dataset, batch_size=512, shuffle=False, generator=torch.Generator(),  # leaves the global RNG alone
+        **loader_kwargs(args.num_workers, args.device))
+    return Data(train_loader, eval_loader(eval_train_set), eval_loader(eval_test_set), len(eval_train_set.classes),
+                source.image_size, source.mean, source.std, "pil")
+
+
+def set_data_epoch(train_loader, seed, epoch):
+    """Reseed the loader's generator, if it has one, so epoch e sees the same order and views
+    whether or not the run was resumed."""
+    if getattr(train_loader, "generator", None) is not None:
+        train_loader.generator.manual_seed(seed * 100_003 + epoch)
+
+
+# ---- Checkpoints and logging ---------------------------------------------------------------------
 def prepare_run_dir(args):
     """runs/<run_name>/ with args.json; a resumed run keeps writing into its own folder."""
     if args.resume:
@@ -1217,8 +834,12 @@ def load_checkpoint(path):
 def resume(path, model, optimizer, scaler):
     """Restore a run in place; returns (completed epochs, global step)."""
     state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        die(f"{path} was written by an earlier version of this code (before the online probe), so it cannot be "
+            f"resumed here ({type(exc).__name__}); evaluate it with eval_linear.py, or resume it at its own commit")
     scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
     print(f"resumed {path} at epoch {state['epoch']}, step {state['global_step']}")
@@ -1227,7 +848,8 @@ def resume(path, model, optimizer, scaler):
 
 def format_duration(seconds):
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    hours, minutes = divmod(seconds // 60, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
 
 
 class RunLogger:
@@ -1237,10 +859,11 @@ class RunLogger:
     log_every steps; images/s and the ETA are measured over that window, not the whole run.
     """
 
-    def __init__(self, run_dir, args, steps_per_epoch):
+    def __init__(self, run_dir, epochs, steps_per_epoch, batch_size, log_every):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.args, self.steps_per_epoch = args, steps_per_epoch
-        self.total_steps = args.epochs * steps_per_epoch
+        self.epochs, self.steps_per_epoch, self.batch_size = epochs, steps_per_epoch, batch_size
+        self.log_every = log_every
+        self.total_steps = epochs * steps_per_epoch
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def write(self, record):
@@ -1249,47 +872,74 @@ class RunLogger:
 
     def due(self, global_step):
         """Whether train_step(global_step) will log: every log_every steps and at the last step."""
-        return global_step % self.args.log_every == 0 or global_step == self.total_steps
+        return global_step % self.log_every == 0 or global_step == self.total_steps
 
     def train_step(self, epoch, global_step, terms, lr):
         self.window_steps += 1
         if not self.due(global_step):
             return
-        values = {name: float(value.detach() if torch.is_tensor(value) else value) for name, value in terms.items()}  # tensors: a host sync, once a window
+        values = {
+            name: float(value.detach() if torch.is_tensor(value) else value)  # tensors: a host sync, once a window
+            for name, value in terms.items()
+        }
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
                 f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")
         elapsed = time.perf_counter() - self.window_start
-        images_per_s = self.window_steps * self.args.batch_size / elapsed
+        images_per_s = self.window_steps * self.batch_size / elapsed
         eta = (self.total_steps - global_step) * elapsed / self.window_steps
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.write({"type": "train", "epoch": epoch + 1, "step": global_step, **values, "lr": lr,
                     "images_per_s": images_per_s})
         in_epoch = global_step - epoch * self.steps_per_epoch
         terms_text = " ".join(f"{name} {value:.4f}" for name, value in values.items())
-        print(f"epoch {epoch + 1}/{self.args.epochs} step {in_epoch}/{self.steps_per_epoch} | {terms_text} | "
+        print(f"epoch {epoch + 1}/{self.epochs} step {in_epoch}/{self.steps_per_epoch} | {terms_text} | "
               f"lr {lr:.3g} | {images_per_s:.0f} img/s | eta {format_duration(eta)}", flush=True)
 
     def evaluation(self, epoch, global_step, results):
+        """One evaluation after `epoch` (0-based; -1 is the untrained backbone, logged as epoch 0)."""
         self.write({"type": "eval", "epoch": epoch + 1, "step": global_step, **results})
         print(f"eval epoch {epoch + 1}: " + " | ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+
+    def summary(self, results):
+        """The run's before and after: the untrained backbone's evaluation (epoch 0) against the last."""
+        with open(self.path) as f:
+            before = next((r for r in map(json.loads, f) if r["type"] == "eval" and r["epoch"] == 0), None)
+        untrained = f"{before['knn_top1']:.1f}% untrained -> " if before else ""
+        print(f"kNN top-1 (weighted, k=200, clean test images): {untrained}{results['knn_top1']:.1f}% after "
+              f"{self.epochs} epochs; linear probe (fast, cached features) {results['linear_top1']:.1f}%")
 
     def exclude(self, seconds):
         """Leave time spent outside training steps (evaluation, checkpoints) out of images/s."""
         self.window_start += seconds
 
 
-def end_of_epoch(run_dir, model, optimizer, scaler, epoch, global_step, args, data, device, log):
+@dataclasses.dataclass
+class RunState:
+    """What the end-of-epoch work needs of a run."""
+    run_dir: str
+    args: object
+    model: nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    data: Data
+    device: torch.device
+    log: "RunLogger"
+
+
+def end_of_epoch(run, epoch, global_step):
     """Checkpoint (and after the last epoch backbone.pt), then evaluate every --eval-every epochs
     and at the end, with the linear probe at the end. Returns the evaluation, or None."""
-    started, last, results = time.perf_counter(), epoch + 1 == args.epochs, None
-    save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, optimizer, scaler, epoch + 1, global_step, args)
+    started, last, results = time.perf_counter(), epoch + 1 == run.args.epochs, None
+    save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch + 1,
+                    global_step, run.args)
     if last:
-        atomic_save(model["backbone"].state_dict(), os.path.join(run_dir, "backbone.pt"))
-    if (epoch + 1) % args.eval_every == 0 or last:
-        results = evaluate(model, data, device, linear=last)
-        log.evaluation(epoch, global_step, results)
+        atomic_save(run.model["backbone"].state_dict(), os.path.join(run.run_dir, "backbone.pt"))
+    if (epoch + 1) % run.args.eval_every == 0 or last:
+        results = evaluate(run.model, run.data, run.device, linear=last)
+        run.log.evaluation(epoch, global_step, results)
     if last:
-        print(f"done: {run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
-    log.exclude(time.perf_counter() - started)
+        run.log.summary(results)
+        print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
+    run.log.exclude(time.perf_counter() - started)
     return results

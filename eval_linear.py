@@ -3,13 +3,19 @@
 kNN-separable) its features are on clean images of the labelled train/test splits.
 
 Usage:
-    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt     # cached features: seconds to minutes
-    python eval_linear.py --checkpoint runs/NAME/backbone.pt       # reads runs/NAME/args.json for the arch
-    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt --augment --epochs 100   # slower protocol
-    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt --random-init  # baseline: same arch, untrained
-Default: a linear classifier on cached, standardised features (Adam, 100 epochs). --augment instead
-passes random crops and flips through the frozen backbone every epoch (SGD, lr 0.1, cosine), as in
-solo-learn's linear evaluation. Results are printed and saved as linear_eval.json beside the checkpoint.
+    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt                    # fast probe: seconds to minutes
+    python eval_linear.py --checkpoint runs/NAME/backbone.pt                      # reads runs/NAME/args.json
+    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt --protocol intl    # INTL's 92.60% protocol
+    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt --protocol augmented   # crops + flips, slower
+    python eval_linear.py --checkpoint runs/NAME/checkpoint.pt --random-init      # baseline: same arch, untrained
+Linear protocols (--protocol), each named for its source:
+    fast       cached, standardised clean features; Adam lr 1e-3, cosine, weight decay 1e-6, batch 256, 100 epochs
+    intl       INTL's (winci-ai/INTL 0aa69af cifar/eval/evaluate.py): cached clean features, not standardised;
+               Adam lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, weight decay 5e-6, batch 1000
+    augmented  random crops (0.08-1) + flips through the frozen backbone every epoch; SGD lr 0.1, cosine, 100 epochs
+Also reported: weighted kNN (k=200, T=0.1, cosine; lightly's benchmark), 5-NN (cosine, majority) and INTL's
+5-NN (Euclidean on raw features, majority). Saved as linear_eval[_random_init][_PROTOCOL].json beside the
+checkpoint (no suffix for fast).
 """
 import argparse
 import json
@@ -21,39 +27,77 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from common import (
-    DATASETS, accuracy, build_backbone, dataset_source, die, eval_transform, extract_features,
-    knn_predict, linear_probe, load_checkpoint, loader_kwargs, positive_int, resolve_device,
-    seed_everything, set_lr, warmup_cosine,
-)
+from common import (DATASETS, accuracy, build_backbone, dataset_source, die, eval_transform, extract_features,
+                    knn_predict, linear_probe, load_checkpoint, loader_kwargs, positive_int, resolve_device,
+                    seed_everything, set_lr, warmup_cosine)
+
+
+PROTOCOLS = {"fast": dict(epochs=100, batch_size=256, lr=1e-3), "intl": dict(epochs=500, batch_size=1000, lr=1e-2),
+             "augmented": dict(epochs=100, batch_size=256, lr=0.1)}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a run's checkpoint.pt or backbone.pt")
-    parser.add_argument("--dataset", choices=DATASETS, default=None, help="evaluate on another dataset (default: the run's)")
+    parser.add_argument("--dataset", choices=DATASETS, default=None,
+                        help="evaluate on another dataset (default: the run's)")
     parser.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's --data-dir)")
-    parser.add_argument("--augment", action="store_true",
-                        help="train on random crops + flips through the frozen backbone instead of cached clean features")
+    parser.add_argument("--protocol", choices=tuple(PROTOCOLS), default="fast",
+                        help="linear evaluation protocol, see above (default: %(default)s)")
     parser.add_argument("--random-init", action="store_true",
-                        help="evaluate a randomly initialised backbone of the run's arch instead: the baseline a run must beat")
-    parser.add_argument("--epochs", type=positive_int, default=100, help="linear classifier epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="linear classifier batch size (default: %(default)s)")
+                        help="evaluate a randomly initialised backbone of the run's arch: the baseline a run must beat")
+    parser.add_argument("--epochs", type=positive_int, default=None,
+                        help="linear classifier epochs (default: the protocol's: 100 fast, 500 intl, 100 augmented)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="linear classifier batch size (default: the protocol's: 256, 1000, 256)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default: 1e-3 Adam on cached features, 0.1 SGD with --augment)")
+                        help="peak learning rate (default: the protocol's: 1e-3 Adam, 1e-2 Adam, 0.1 SGD)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
                         help="data loading processes, 0 loads in the main process (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the classifier's data order (default: %(default)s)")
     args = parser.parse_args(argv)
     args.device = resolve_device(args.device)
+    for name, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
+
+
+def intl_probe_lr(epoch, epochs=500, lr=1e-2, final_lr=1e-6):
+    """INTL's probe schedule: ExponentialLR with gamma = (final_lr / lr)^(1 / epochs), stepped once
+    an epoch, so epoch e (from 0) trains at lr gamma^e and the last at lr (final_lr / lr)^(1 - 1/epochs)."""
+    return lr * (final_lr / lr) ** (epoch / epochs)
+
+
+def intl_linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=500,
+                      batch_size=1000, lr=1e-2, weight_decay=5e-6, seed=0):
+    """INTL's linear evaluation (winci-ai/INTL 0aa69af cifar/eval/evaluate.py): a Linear (default
+    init) on the raw cached features, Adam, the exponential schedule of intl_probe_lr, shuffled
+    full batches of batch_size (the remainder dropped, as its randperm(...).view(-1, 1000)).
+    Returns (top1, top5) test accuracy in %."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    classifier = nn.Linear(train_features.shape[1], num_classes)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
+    batches = max(1, len(train_features) // batch_size)
+    for epoch in range(epochs):
+        set_lr(optimizer, intl_probe_lr(epoch, epochs, lr))
+        order = torch.randperm(len(train_features), generator=generator)
+        for index in order[:batches * min(batch_size, len(order))].view(batches, -1):
+            loss = F.cross_entropy(classifier(train_features[index]), train_labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        top5 = classifier(test_features).topk(min(5, num_classes), dim=1).indices
+    return accuracy(top5[:, 0], test_labels), (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
 
 
 def load_backbone(path):
     """(backbone state dict, the run's arguments) from a checkpoint.pt or a backbone.pt."""
     state = load_checkpoint(path)
-    if "model" in state and "args" in state and isinstance(state["model"], dict):  # checkpoint.pt: the online backbone's weights
+    if "model" in state and "args" in state and isinstance(state["model"], dict):  # checkpoint.pt: the online backbone
         weights = {k[len("backbone."):]: v for k, v in state["model"].items() if k.startswith("backbone.")}
         return weights, state["args"]
     args_path = os.path.join(os.path.dirname(os.path.abspath(path)), "args.json")
@@ -93,8 +137,8 @@ def main(args):
     run = SimpleNamespace(**{**run_args, "device": args.device, "num_workers": args.num_workers})
     run.dataset = args.dataset or run.dataset
     run.data_dir = args.data_dir or run.data_dir
-    source = dataset_source(run)
-    backbone, feature_dim = build_backbone(run.arch, source.image_size)
+    source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size)
+    backbone, feature_dim = build_backbone(run.arch, source.image_size, getattr(run, "stem_padding", 1))
     if not args.random_init:
         try:
             backbone.load_state_dict(weights)
@@ -106,37 +150,42 @@ def main(args):
     train_set, test_set = source.make("train", clean), source.make("test", clean)
     num_classes = len(train_set.classes)
     loader = lambda dataset, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        dataset, batch_size=args.batch_size if shuffle else 512, shuffle=shuffle, **loader_kwargs(run))
-    print(f"{run.method} {run.arch} backbone {'randomly initialised' if args.random_init else 'from'} {args.checkpoint}; features of {run.dataset} "
+        dataset, batch_size=args.batch_size if shuffle else 512, shuffle=shuffle,
+        **loader_kwargs(run.num_workers, run.device))
+    origin = "randomly initialised" if args.random_init else f"from {args.checkpoint}"
+    print(f"{run.method} {run.arch} backbone {origin}; features of {run.dataset} "
           f"({len(train_set)} train / {len(test_set)} test)")
     train_features, train_labels = extract_features(backbone, loader(train_set, False), device)
     test_features, test_labels = extract_features(backbone, loader(test_set, False), device)
 
-    results = {
-        "knn_top1": accuracy(knn_predict(train_features, train_labels, test_features, num_classes), test_labels),
-        "knn5_top1": accuracy(knn_predict(train_features, train_labels, test_features, num_classes, k=5,
-                                          weighted=False), test_labels),
-    }
-    if args.augment:
+    knn = lambda **kw: accuracy(  # noqa: E731
+        knn_predict(train_features, train_labels, test_features, num_classes, **kw), test_labels)
+    results = {"knn_top1": knn(), "knn5_top1": knn(k=5, weighted=False),
+               "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean")}
+    if args.protocol == "augmented":
         augmented = T.Compose([
             T.RandomResizedCrop(source.image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(source.mean, source.std)])
         top1, top5 = train_linear_augmented(
             backbone, feature_dim, loader(source.make("train", augmented), True), test_features, test_labels,
-            num_classes, args.epochs, args.lr or 0.1, device)
+            num_classes, args.epochs, args.lr, device)
+    elif args.protocol == "intl":
+        top1, top5 = intl_linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
+                                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     else:
         top1, top5 = linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
-                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr or 1e-3, seed=args.seed)
-    results.update(linear_top1=top1, linear_top5=top5, protocol="augmented" if args.augment else "cached",
-                   random_init=args.random_init,
+                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    results.update(linear_top1=top1, linear_top5=top5, protocol=args.protocol, random_init=args.random_init,
                    epochs=args.epochs, checkpoint=os.path.abspath(args.checkpoint), dataset=run.dataset)
-    out_name = "linear_eval" + ("_random_init" if args.random_init else "") + ("_augmented" if args.augment else "")
+    out_name = "linear_eval" + ("_random_init" if args.random_init else "") + \
+        ("" if args.protocol == "fast" else f"_{args.protocol}")
     out_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), out_name + ".json")
     with open(out_path + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(out_path + ".tmp", out_path)
-    print(f"linear top1 {top1:.2f} top5 {top5:.2f} | knn top1 {results['knn_top1']:.2f} "
-          f"5-nn top1 {results['knn5_top1']:.2f} -> {out_path}")
+    print(f"linear ({args.protocol} protocol) top1 {top1:.2f} top5 {top5:.2f} | weighted knn top1 "
+          f"{results['knn_top1']:.2f} | 5-nn top1 {results['knn5_top1']:.2f} (cosine), "
+          f"{results['knn5_euclidean_top1']:.2f} (euclidean, INTL's) -> {out_path}")
 
 
 if __name__ == "__main__":

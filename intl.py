@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from common import (
-    ARCHS, AUGMENTATIONS, DATASETS, ORTHO_KINDS, OrthogonalityRegularizer, autocast, build_backbone,
-    build_data, build_optimizer, effective_rank, end_of_epoch, finalize_args, optimizer_step,
-    positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, RunLogger, seed_everything,
+    OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
+    build_data, build_optimizer, effective_rank, end_of_epoch, evaluate, online_probe_loss, optimizer_step,
+    parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything,
     set_data_epoch, set_lr, warmup_cosine,
 )
 
@@ -28,72 +28,28 @@ METHOD = "intl"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # TRY NOT TO MODIFY: arguments shared by every method file; each method sets its own defaults below
-    parser.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                        help="cifar10/cifar100/stl10 download into --data-dir; folder reads DATA_DIR/train and "
-                             "DATA_DIR/test (or val) in ImageFolder layout; synthetic is generated offline (default: %(default)s)")
-    parser.add_argument("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
-    parser.add_argument("--synthetic-size", type=positive_int, default=5000,
-                        help="training images of --dataset synthetic; the test set is a fifth of it (default: %(default)s)")
-    parser.add_argument("--image-size", type=positive_int, default=None,
-                        help="crop size in pixels (default: the dataset's own: 32 CIFAR, 96 STL-10, first image of a folder)")
-    parser.add_argument("--arch", choices=ARCHS, default=None,
-                        help="backbone; convnet is a 4-layer net for quick CPU checks only (default: resnet18, convnet for synthetic)")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="pretraining epochs (default: 1000; synthetic: 40, or the method's own offline recipe)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, two views each (default: %(default)s)")
-    parser.add_argument("--optimizer", choices=("lars", "sgd"), default=None,
-                        help="lars excludes biases and norm parameters from weight decay and trust scaling; "
-                             "sgd (momentum 0.9) decays every parameter (default: %(default)s)")
-    parser.add_argument("--base-lr", type=float, default=None,
-                        help="learning rate at batch 256; the peak lr is base-lr x batch-size / 256 (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay coefficient (default: %(default)s)")
-    parser.add_argument("--warmup-epochs", type=int, default=None,
-                        help="linear warm-up to the peak lr, then a cosine, per step (default: %(default)s, "
-                             "at most a tenth of --epochs)")
-    parser.add_argument("--final-lr-ratio", type=float, default=None,
-                        help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
-    parser.add_argument("--augmentations", choices=AUGMENTATIONS, default=None,
-                        help="named two-view recipe from the published configs, see README (default: %(default)s)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                        help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--pipeline", choices=("auto", "tensor", "pil"), default="auto",
-                        help="tensor: images held in memory as uint8 on the training device, augmented in batches with "
-                             "per-image parameters; pil: torchvision transforms in DataLoader workers; auto: tensor "
-                             "when the dataset fits in memory (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow start, faster steps on a GPU)")
-    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
-                        help="data loading processes, 0 loads in the main process (default: %(default)s, the CPU threads up to 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order (default: %(default)s)")
-    parser.add_argument("--eval-every", type=positive_int, default=None,
-                        help="kNN evaluation every N epochs and at the end (default: a tenth of --epochs)")
-    parser.add_argument("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
-    parser.add_argument("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
-    parser.add_argument("--run-name", default=None, help="run folder name (default: method-dataset-arch-seed-time)")
-    parser.add_argument("--ortho", choices=ORTHO_KINDS, default="none",
-                        help="orthogonality regularization of the backbone's conv and linear weights (He et al., 2024): "
-                             "so = soft orthogonality, srip = spectral norm of W^T W - I (default: %(default)s)")
-    parser.add_argument("--ortho-weight", type=float, default=None,
-                        help="weight of the --ortho penalty (default: 1e-6 for so, 1e-3 for srip, the paper's ResNet values)")
-    parser.add_argument("--ortho-heads", action="store_true",
-                        help="regularise the projector (and predictor) too, not only the backbone")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, "
-                             "--data-dir and --log-every may change)")
-    # ALGO-SPECIFIC arguments and defaults: the authors' CIFAR-10 config behind 92.60% linear top-1
-    parser.add_argument("--iters", type=positive_int, default=4, help="Newton iterations T of IterNorm (default: %(default)s)")
+    # ALGO-SPECIFIC: the recipe, the authors' CIFAR-10 config behind 92.60% (winci-ai/INTL scripts/cifar10.sh)
+    add_recipe_args(parser, epochs=1000, batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4,
+                    warmup_epochs=2, final_lr_ratio=0.001, augmentations="asymmetric",
+                    probe_lr=0.1)
+    parser.add_argument("--iters", type=positive_int, default=4,
+                        help="Newton iterations T of IterNorm (default: %(default)s)")
     parser.add_argument("--axis", type=int, choices=(0, 1), default=0,
                         help="0 whitens the N x N matrix of samples (each centred over its features), 1 the D x D "
                              "matrix of features (each centred over the batch) (default: %(default)s)")
     parser.add_argument("--beta", type=float, default=None,
                         help="trace-loss weight (default: 0.01 (log2 N - 3) for axis 0, N the batch size; "
                              "0.01 (log2 D - 3) for axis 1, D the projector output width)")
-    parser.add_argument("--proj-hidden-dim", type=positive_int, default=2048, help="projector hidden width (default: %(default)s)")
-    parser.add_argument("--proj-dim", type=positive_int, default=2048, help="projector output width (default: %(default)s)")
-    parser.set_defaults(optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=2, final_lr_ratio=0.001,
-                        augmentations="asymmetric")
-    return finalize_args(parser, argv, METHOD)
+    parser.add_argument("--proj-hidden-dim", type=positive_int, default=2048,
+                        help="projector hidden width (default: %(default)s)")
+    parser.add_argument("--proj-dim", type=positive_int, default=2048,
+                        help="projector output width (default: %(default)s)")
+    # The offline check (--dataset synthetic): the 4-layer convnet for 40 epochs (at 20, learning had often
+    # not started before the learning rate decayed); flags given on the command line still win
+    offline_check = dict(arch="convnet", epochs=40)
+    # TRY NOT TO MODIFY: the infrastructure flags every method shares, then parsing and checks
+    add_common_args(parser)
+    return parse_run_args(parser, argv, METHOD, offline_check)
 
 
 # ALGO LOGIC: loss
@@ -166,58 +122,69 @@ def spectrum_stats(z, iters=4, axis=0):
 
 
 def main(args):
-    # TRY NOT TO MODIFY: seeding, run folder, data
+    # TRY NOT TO MODIFY: seeding, data, run folder
     seed_everything(args.seed)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     data = build_data(args)
+    args.image_size, args.pipeline = data.image_size, data.pipeline  # what auto chose, stored with the run
     run_dir = prepare_run_dir(args)
 
     # ALGO LOGIC: model
-    backbone, feature_dim = build_backbone(args.arch, data.image_size)
+    backbone, feature_dim = build_backbone(args.arch, data.image_size, args.stem_padding)
     projector = projection_mlp([feature_dim, args.proj_hidden_dim, args.proj_hidden_dim, args.proj_dim],
                                hidden_bias=False)  # [Linear(no bias)-BN-ReLU] x 2, Linear with bias
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
 
-    # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume
+    # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, logging
+    model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
-    prepare_model(model, args)                                           # channels_last on a GPU, --compile
-    optimizer = build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    prepare_model(model, device, args.compile)                          # channels_last on a GPU, --compile
+    peak_lr = args.base_lr * args.batch_size / 256                      # the linear scaling rule
+    optimizer = build_optimizer(args.optimizer, model, peak_lr, args.weight_decay, args.probe_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     start_epoch, global_step = resume(args.resume, model, optimizer, scaler) if args.resume else (0, 0)
     steps_per_epoch = len(data.train_loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    log = RunLogger(run_dir, args, steps_per_epoch)
+    log = RunLogger(run_dir, args.epochs, steps_per_epoch, args.batch_size, args.log_every)
+    run = RunState(run_dir, args, model, optimizer, scaler, data, device, log)
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
-          f"{steps_per_epoch} steps, peak lr {args.lr:.3g}, run folder {run_dir}")
+          f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
+    if start_epoch == 0:                                                # the untrained backbone, logged as epoch 0
+        log.evaluation(-1, 0, evaluate(model, data, device))
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        set_data_epoch(data, args.seed, epoch)
-        for (x1, x2), _ in data.train_loader:
+        set_data_epoch(data.train_loader, args.seed, epoch)
+        for (x1, x2), labels in data.train_loader:
             x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
-            lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, args.lr,
-                                                 args.lr * args.final_lr_ratio))
+            labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
+            lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
+                                                 peak_lr * args.final_lr_ratio))
             # ALGO LOGIC: training step
             with autocast(device, args.precision):
                 h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
                 z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
-            ssl_loss, loss_terms = intl_loss(z1.float(), z2.float(), args.iters, args.axis, args.beta)  # whitening in fp32
+            ssl_loss, loss_terms = intl_loss(
+                z1.float(), z2.float(), args.iters, args.axis, args.beta
+            )  # whitening in fp32
             terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
             if log.due(global_step + 1):                                         # watch the spectrum being modulated
                 terms.update(spectrum_stats(z1.float(), args.iters, args.axis))
 
-            # TRY NOT TO MODIFY: orthogonality penalty (0 with --ortho none), optimiser step, logging
+            # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
+            probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
             penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
-            loss = ssl_loss + args.ortho_weight * penalty
+            loss = ssl_loss + args.ortho_weight * penalty + probe_loss
+            terms["probe"] = probe_loss
             if args.ortho != "none":
                 terms["ortho"] = penalty
             optimizer_step(loss, optimizer, scaler)
             global_step += 1
             log.train_step(epoch, global_step, terms, lr)
         # TRY NOT TO MODIFY: checkpoint.pt every epoch, kNN every --eval-every, backbone.pt + linear probe at the end
-        end_of_epoch(run_dir, model, optimizer, scaler, epoch, global_step, args, data, device, log)
+        end_of_epoch(run, epoch, global_step)
 
 
 if __name__ == "__main__":

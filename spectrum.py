@@ -17,10 +17,59 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from common import (
-    OrthogonalityRegularizer, build_backbone, dataset_source, die, effective_rank, eval_transform, feature_spectra,
-    load_checkpoint, positive_int, resolve_device, weight_spectra,
-)
+from common import (OrthogonalityRegularizer, build_backbone, dataset_source, die, effective_rank, eval_transform,
+                    load_checkpoint, positive_int, resolve_device, weight_matrix)
+
+
+# Spectra, to see dimensional collapse: sorted singular values of the weights and eigenvalues of
+# feature covariances, as in the OR paper's figures. common.effective_rank() summarises each.
+def weight_spectra(named_layers):
+    """{name: singular values of its weight matrix, descending} for (name, layer) pairs."""
+    with torch.no_grad():
+        return {name: torch.linalg.svdvals(weight_matrix(layer).double()) for name, layer in named_layers}
+
+def covariance_eigenvalues(x):
+    """Eigenvalues of the covariance of the rows of x (N, D), in float64, descending."""
+    x = x.double()
+    x = x - x.mean(dim=0)
+    return torch.linalg.eigvalsh(x.T @ x / (len(x) - 1)).flip(0).clamp(min=0)
+
+def feature_stages(backbone):
+    """(name, module, which) to hook: a ResNet's input to layer1 (after the stem) and the output of
+    each stage; the convnet's output of each ReLU block."""
+    if hasattr(backbone, "layer1"):
+        stages = [("stem", backbone.layer1, "input")]
+        return stages + [(f"layer{i}", getattr(backbone, f"layer{i}"), "output") for i in range(1, 5)]
+    relus = [m for m in backbone if isinstance(m, nn.ReLU)]
+    return [(f"block{i + 1}", m, "output") for i, m in enumerate(relus)]
+
+@torch.no_grad()
+def feature_spectra(backbone, projector, images, batch_size=256):
+    """{stage: covariance eigenvalues} of features of images (N, 3, H, W), in eval mode: every
+    stage of the backbone (channels averaged over space, (N, C)), the representation and the
+    projector output."""
+    captured = {}
+
+    def hook(name, which):
+        def record(module, inputs, output):
+            x = inputs[0] if which == "input" else output
+            captured.setdefault(name, []).append(x.float().mean(dim=(2, 3)).cpu())  # (B, C)
+        return record
+
+    handles = [m.register_forward_hook(hook(name, which)) for name, m, which in feature_stages(backbone)]
+    backbone.eval(), projector.eval()
+    rep, proj = [], []
+    try:
+        for batch in images.split(batch_size):
+            h = backbone(batch)
+            rep.append(h.float().cpu())
+            proj.append(projector(h).float().cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    features = {name: torch.cat(chunks) for name, chunks in captured.items()}
+    features.update(representation=torch.cat(rep), projector=torch.cat(proj))
+    return {name: covariance_eigenvalues(x) for name, x in features.items()}
 
 
 def parse_args(argv=None):
@@ -68,8 +117,8 @@ def run_spectra(path, num_images, data_dir, device):
     run = SimpleNamespace(**state["args"])
     run.data_dir = data_dir or run.data_dir
     part = lambda prefix: {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}  # noqa: E731
-    source = dataset_source(run)
-    backbone, _ = build_backbone(run.arch, source.image_size)
+    source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size)
+    backbone, _ = build_backbone(run.arch, source.image_size, getattr(run, "stem_padding", 1))
     backbone.load_state_dict(part("backbone."))
     projector = mlp_from_state_dict(part("projector."))
     test_set = source.make("test", eval_transform(source.image_size, source.mean, source.std))
@@ -92,7 +141,11 @@ def plot(curves, path):
 
     first = next(iter(curves.values()))
     weight_names = list(first["weights"])
-    picked = [weight_names[round(i * (len(weight_names) - 1) / 3)] for i in range(4)] if len(weight_names) > 4 else weight_names
+    picked = (
+        [weight_names[round(i * (len(weight_names) - 1) / 3)] for i in range(4)]
+        if len(weight_names) > 4
+        else weight_names
+    )
     panels = [("weights", name, "singular value") for name in dict.fromkeys(picked)]
     panels += [("features", name, "eigenvalue") for name in first["features"]]
     cols = 4
@@ -118,7 +171,11 @@ def main(args):
     curves = {}
     for i, path in enumerate(args.checkpoints):
         run, spectra = run_spectra(path, args.num_images, args.data_dir, torch.device(args.device))
-        label = args.labels[i] if args.labels else f"{getattr(run, 'ortho', 'none')} {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+        label = (
+            args.labels[i]
+            if args.labels
+            else f"{getattr(run, 'ortho', 'none')} {os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+        )
         if label in curves:
             die(f"two checkpoints would both be labelled '{label}'; name them with --labels")
         curves[label] = {kind: {name: {"erank": effective_rank(values), "values": values.tolist()}

@@ -2,6 +2,7 @@
 (augmentations, LARS, schedule, kNN, checkpoints, data errors), and every script run end to end as a
 subprocess on tiny synthetic data. Run with `pytest -q`; `pytest -q -m slow` runs the longer checks."""
 import argparse
+import inspect
 import json
 import math
 import os
@@ -20,8 +21,12 @@ from PIL import Image
 
 import byol
 import common
+import eval_linear
 import intl
 import simclr
+import spectrum
+import synthetic
+import tensor_pipeline
 import vicreg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,7 +95,9 @@ def test_nt_xent_invariances_and_fp32_stability():
 # ----------------------------------------------------------------------------------------------
 def byol_numpy(p, z):
     """2 - 2 cos(p_i, z_i), one sample at a time, averaged."""
-    return float(np.mean([2 - 2 * (p[i] @ z[i]) / (np.linalg.norm(p[i]) * np.linalg.norm(z[i])) for i in range(len(p))]))
+    return float(
+        np.mean([2 - 2 * (p[i] @ z[i]) / (np.linalg.norm(p[i]) * np.linalg.norm(z[i])) for i in range(len(p))])
+    )
 
 
 @pytest.mark.parametrize("n,d", [(1, 2), (8, 16), (64, 256)])
@@ -155,16 +162,33 @@ def vicreg_official(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss, (repr_loss, std_loss, cov_loss)
 
 
-@pytest.mark.parametrize("n,d", [(2, 3), (16, 8), (64, 256), (256, 64)])
+def vicreg_eq6_numpy(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """Eq. (6) of the paper with explicit loops over dimensions (solo-learn's CIFAR form: the variance
+    terms of the two views summed, not halved)."""
+    n, d = x.shape
+    invariance = sum(((x[:, j] - y[:, j]) ** 2).mean() for j in range(d)) / d
+    variance = covariance = 0.0
+    for z in (x, y):
+        variance += np.mean([max(0.0, 1 - math.sqrt(z[:, j].var(ddof=1) + 1e-4)) for j in range(d)])
+        c = np.cov(z, rowvar=False, ddof=1)
+        covariance += sum(c[i, j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance, (invariance, variance, covariance)
+
+
+@pytest.mark.parametrize("n,d", [(2, 3), (16, 8), (64, 24), (24, 64)])
 @pytest.mark.parametrize("coeffs", [(25.0, 25.0, 1.0), (1.0, 0.5, 3.0)])
-def test_vicreg_loss_equals_the_official_formula(n, d, coeffs):
+def test_vicreg_loss_is_eq_6_and_std_coeff_halved_is_the_official_formula(n, d, coeffs):
     rng = np.random.default_rng(n * d)
     z1, z2 = rng.normal(size=(n, d)) * rng.uniform(0.1, 2, size=d), rng.normal(size=(n, d))
     loss, terms = vicreg.vicreg_loss(torch.from_numpy(z1), torch.from_numpy(z2), *coeffs)
-    expected, (inv, var, cov) = vicreg_official(z1, z2, *coeffs)
+    expected, (inv, var, cov) = vicreg_eq6_numpy(z1, z2, *coeffs)
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     assert (terms["invariance"].item(), terms["variance"].item(), terms["covariance"].item()) == \
         pytest.approx((inv, var, cov), rel=1e-10)
+    sim, std, cov_coeff = coeffs  # the official code's halved variance is eq. (6) at std_coeff / 2
+    halved, _ = vicreg.vicreg_loss(torch.from_numpy(z1), torch.from_numpy(z2), sim, std / 2, cov_coeff)
+    assert halved.item() == pytest.approx(vicreg_official(z1, z2, *coeffs)[0], rel=1e-10)
+    assert loss.item() - halved.item() == pytest.approx(std / 2 * var, rel=1e-9)
 
 
 def test_vicreg_loss_analytic_values():
@@ -177,7 +201,7 @@ def test_vicreg_loss_analytic_values():
     # both views collapsed to one point: std = sqrt(1e-4) = 0.01 in every dimension, C = 0
     point = torch.randn(1, 8, dtype=torch.float64).expand(64, 8)
     loss, terms = vicreg.vicreg_loss(point, point)
-    assert terms["variance"].item() == pytest.approx(0.99) and loss.item() == pytest.approx(25 * 0.99)
+    assert terms["variance"].item() == pytest.approx(2 * 0.99) and loss.item() == pytest.approx(25 * 2 * 0.99)
     # rank one: Var = 1 in every dimension (no variance penalty), C = all ones, so c = (D^2 - D) / D each
     line = torch.randn(64, 1, dtype=torch.float64)
     line = (line - line.mean()) / line.std()
@@ -323,7 +347,7 @@ def test_spectrum_stats_report_the_effective_rank_before_and_after_whitening(axi
 def test_every_image_in_a_batch_gets_its_own_views():
     image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     view1, view2 = common.augmentation_recipe("symmetric", 32, (0.5,) * 3, (0.25,) * 3)
-    dataset = common.ArrayImageDataset(np.stack([image] * 8), np.zeros(8), ["a"], common.TwoViews(view1, view2))
+    dataset = synthetic.ArrayImageDataset(np.stack([image] * 8), np.zeros(8), ["a"], common.TwoViews(view1, view2))
     (x1, x2), _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
     assert x1.shape == x2.shape == (8, 3, 32, 32)
     # eight copies of one image: all sixteen views differ from each other
@@ -333,16 +357,19 @@ def test_every_image_in_a_batch_gets_its_own_views():
 
 
 def test_recipes_match_the_published_configs():
-    def settings(name, size):
-        return [{type(t).__name__: t for t in view.transforms} for view in
-                common.augmentation_recipe(name, size, (0.5,) * 3, (0.25,) * 3)]
+    """solo-learn fca55e3 (bash_files/pretrain/cifar/*.sh, solo/args/{dataset,utils}.py) and INTL 0aa69af
+    (cifar/transform.py): SimCLR and VICReg blur with p = 0.5 at every size, the asymmetric pair only
+    above 64 px (1.0 / 0.1); the blur is sigma in [0.1, 2] over at least 13 taps."""
+    def settings(name, size):  # RandomApply steps keyed by what they apply
+        inner = lambda t: t.transforms[0] if isinstance(t, common.T.RandomApply) else t  # noqa: E731
+        return [{type(inner(t)).__name__: t for t in view.transforms}
+                for view in common.augmentation_recipe(name, size, (0.5,) * 3, (0.25,) * 3)]
 
     symmetric = settings("symmetric", 32)
-    jitter = symmetric[0]["RandomApply"].transforms[0]
-    assert [jitter.brightness, jitter.saturation, jitter.hue] == [pytest.approx((0.2, 1.8)), pytest.approx((0.2, 1.8)),
-                                                                 pytest.approx((-0.2, 0.2))]
-    assert jitter.contrast == pytest.approx((0.2, 1.8))
-    assert symmetric[0]["RandomApply"].p == 0.8 and symmetric[0]["RandomGrayscale"].p == 0.2
+    jitter = symmetric[0]["ColorJitter"].transforms[0]
+    assert [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue] == [
+        pytest.approx((0.2, 1.8)), pytest.approx((0.2, 1.8)), pytest.approx((0.2, 1.8)), pytest.approx((-0.2, 0.2))]
+    assert symmetric[0]["ColorJitter"].p == 0.8 and symmetric[0]["RandomGrayscale"].p == 0.2
     assert symmetric[0]["RandomHorizontalFlip"].p == 0.5
     assert symmetric[0]["RandomResizedCrop"].interpolation == common.T.InterpolationMode.BICUBIC
     assert symmetric[0]["RandomResizedCrop"].scale == (0.08, 1.0)
@@ -350,20 +377,22 @@ def test_recipes_match_the_published_configs():
     asymmetric = settings("asymmetric", 32)
     assert "RandomSolarize" not in asymmetric[0] and asymmetric[1]["RandomSolarize"].p == 0.2
     for view in asymmetric + settings("vicreg", 32):
-        jitter = view["RandomApply"].transforms[0]
+        jitter = view["ColorJitter"].transforms[0]
         assert [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue] == [
             pytest.approx((0.6, 1.4)), pytest.approx((0.6, 1.4)), pytest.approx((0.8, 1.2)), pytest.approx((-0.1, 0.1))]
-        assert view["RandomApply"].p == 0.8 and view["RandomGrayscale"].p == 0.2 and view["RandomHorizontalFlip"].p == 0.5
+        assert (view["ColorJitter"].p, view["RandomGrayscale"].p, view["RandomHorizontalFlip"].p) == (0.8, 0.2, 0.5)
     vicreg = settings("vicreg", 32)
     assert vicreg[0]["RandomResizedCrop"].scale == (0.2, 1.0)
     assert vicreg[0]["RandomSolarize"].p == vicreg[1]["RandomSolarize"].p == 0.1
-    # 96 px and up add Gaussian blur: 1.0 / 0.1 on the asymmetric pair, 0.5 on symmetric views
-    def blur_p(name):
-        return [[t.p for t in view.transforms if type(t).__name__ == "RandomApply"
-                 and type(t.transforms[0]).__name__ == "GaussianBlur"]
-                for view in common.augmentation_recipe(name, 96, (0.5,) * 3, (0.25,) * 3)]
-    assert blur_p("asymmetric") == [[1.0], [0.1]] and blur_p("symmetric") == blur_p("vicreg") == [[0.5], [0.5]]
-    assert "GaussianBlur" not in str(common.augmentation_recipe("asymmetric", 32, (0.5,) * 3, (0.25,) * 3))
+
+    def blur(name, size):
+        return [(view["GaussianBlur"].p, view["GaussianBlur"].transforms[0].kernel_size[0],
+                 view["GaussianBlur"].transforms[0].sigma) if "GaussianBlur" in view else None
+                for view in settings(name, size)]
+    assert blur("symmetric", 32) == blur("vicreg", 32) == [(0.5, 13, (0.1, 2.0))] * 2
+    assert blur("asymmetric", 32) == [None, None]
+    assert blur("asymmetric", 96) == [(1.0, 13, (0.1, 2.0)), (0.1, 13, (0.1, 2.0))]
+    assert blur("symmetric", 224) == [(0.5, 23, (0.1, 2.0))] * 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +408,20 @@ def test_backbones_have_the_cifar_stem_below_64_px_and_report_their_width():
     assert common.build_backbone("resnet50", 32)[1] == 2048
     net, dim = common.build_backbone("convnet", 32)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, dim) == (2, 256)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_the_cifar_stem_gives_34_px_maps_like_solo_learn_and_intl(arch):
+    """solo-learn (fca55e3 solo/methods/base.py: padding 2) and INTL (0aa69af: pad 1, then padding 1)
+    run the first 3x3 conv on 34 x 34 maps for 32 px inputs; runs saved before kept 32 x 32."""
+    shapes = {}
+    for padding in (2, 1):
+        net, _ = common.build_backbone(arch, 32, padding)
+        hook = net.conv1.register_forward_hook(lambda m, i, o, p=padding: shapes.__setitem__(p, tuple(o.shape)))
+        net.eval()(torch.randn(1, 3, 32, 32))
+        hook.remove()
+    assert shapes == {2: (1, 64, 34, 34), 1: (1, 64, 32, 32)}
+    assert common.build_backbone(arch, 32)[0].conv1.padding == (2, 2)  # the default
 
 
 def test_projection_mlp_layout():
@@ -445,13 +488,64 @@ def test_warmup_cosine_hand_values():
     assert lr(110) == pytest.approx(0.0, abs=1e-12) and lr(110, final=0.2) == pytest.approx(0.2)
 
 
-def test_base_lr_is_scaled_by_batch_over_256():
+# Each method's resolved CIFAR-10 defaults and their sources. Changing a value here without its source
+# is the point of this table: solo-learn = vturrisi/solo-learn@fca55e3 (the commit that posted 90.74 / 92.58
+# / 92.07), bash_files/pretrain/cifar/METHOD.sh and solo/methods/*.py; INTL = winci-ai/INTL@0aa69af
+# scripts/cifar10.sh, cifar/main.py, cifar/cfg.py.
+PINNED_RECIPES = {
+    "simclr": dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=0.4, weight_decay=1e-5,  # simclr.sh
+                   warmup_epochs=10, final_lr_ratio=0.0, augmentations="symmetric", probe_lr=0.1,  # base.py
+                   temperature=0.2, proj_hidden_dim=2048, proj_dim=256, stem_padding=2),
+    "byol": dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=1.0, weight_decay=1e-5,  # byol.sh
+                 warmup_epochs=10, final_lr_ratio=0.0, augmentations="asymmetric", probe_lr=0.1,
+                 tau_base=0.99, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096, stem_padding=2),
+    "vicreg": dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=0.3, weight_decay=1e-4,  # vicreg.sh
+                   warmup_epochs=10, final_lr_ratio=0.0, augmentations="vicreg", probe_lr=0.3,  # base.py default
+                   sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, proj_hidden_dim=2048, proj_dim=2048, stem_padding=2),
+    "intl": dict(epochs=1000, batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4,  # cifar10.sh
+                 warmup_epochs=2, final_lr_ratio=0.001, augmentations="asymmetric", probe_lr=0.1,  # main.py
+                 iters=4, axis=0, beta=None, proj_hidden_dim=2048, proj_dim=2048, stem_padding=2),
+}
+
+
+@pytest.mark.parametrize("method", PINNED_RECIPES)
+def test_every_recipe_constant_is_pinned_to_its_source(method):
+    args = METHODS[method].parse_args(["--dataset", "cifar10", "--device", "cpu"])
+    expected = PINNED_RECIPES[method]
+    assert {name: getattr(args, name) for name in expected} == expected
+    # shared constants: LARS (solo-learn fca55e3 solo/utils/lars.py: eta 0.02, clip, eps 1e-8, momentum 0.9)
+    model = nn.ModuleDict({"backbone": nn.Linear(4, 4), "online_probe": nn.Linear(4, 2)})
+    lars = common.build_optimizer("lars", model, 0.4, 1e-5, probe_lr=0.1)
+    assert {k: lars.defaults[k] for k in ("trust_coefficient", "clip", "eps", "momentum")} == \
+        dict(trust_coefficient=0.02, clip=True, eps=1e-8, momentum=0.9)
+    assert common.build_optimizer("sgd", model, 0.3, 1e-4).defaults["momentum"] == 0.9   # INTL: SGD momentum 0.9
+    # evaluation: weighted kNN k=200, T=0.1 (lightly's benchmark), 5-NN cosine and Euclidean (INTL)
+    calls = []
+    record = lambda *a, **kw: calls.append(kw) or torch.zeros(4, dtype=torch.long)  # noqa: E731
+    batch = [(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))]
+    with mock.patch.object(common, "knn_predict", record):
+        data = SimpleNamespace(eval_train_loader=batch, eval_test_loader=batch, num_classes=2)
+        common.evaluate(nn.ModuleDict({"backbone": nn.Linear(4, 4), "projector": nn.Linear(4, 3),
+                                       "online_probe": nn.Linear(4, 2)}), data, torch.device("cpu"))
+    assert calls == [dict(k=200, temperature=0.1), dict(k=5, weighted=False),
+                     dict(k=5, weighted=False, metric="euclidean")]
+    # the fast linear probe (our protocol) and INTL's (eval_linear.py --protocol intl)
+    defaults = {k: v.default for k, v in inspect.signature(common.linear_probe).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    assert defaults == dict(epochs=100, batch_size=256, lr=1e-3, weight_decay=1e-6, seed=0)
+    defaults = {k: v.default for k, v in inspect.signature(eval_linear.intl_linear_probe).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    assert defaults == dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6, seed=0)
+
+
+def test_offline_check_defaults_and_the_derived_warmup_and_eval_every():
     args = simclr.parse_args(["--dataset", "synthetic", "--batch-size", "512", "--base-lr", "0.3"])
-    assert args.lr == pytest.approx(0.6)
     assert (args.arch, args.epochs, args.warmup_epochs, args.eval_every) == ("convnet", 40, 4, 4)
     args = simclr.parse_args(["--dataset", "cifar10"])
-    assert (args.arch, args.epochs, args.warmup_epochs, args.lr, args.weight_decay) == ("resnet18", 1000, 10, 0.4, 1e-5)
-    assert (args.optimizer, args.augmentations, args.temperature, args.final_lr_ratio) == ("lars", "symmetric", 0.2, 0.0)
+    assert (args.arch, args.epochs, args.warmup_epochs, args.base_lr, args.weight_decay) == \
+        ("resnet18", 1000, 10, 0.4, 1e-5)
+    assert (args.optimizer, args.augmentations, args.temperature, args.final_lr_ratio) == ("lars", "symmetric", 0.2,
+                                                                                           0.0)
     # the reference warm-up is capped at a tenth of a short run; an explicit one longer than the run is an error
     assert simclr.parse_args(["--epochs", "5"]).warmup_epochs == 0
     with pytest.raises(SystemExit):
@@ -462,15 +556,16 @@ def test_byol_offline_check_has_its_own_recipe_and_flags_still_win():
     args = byol.parse_args(["--dataset", "synthetic"])
     assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs, args.eval_every) == \
         ("sgd", 0.05, 5e-4, 80, 8, 8)
-    assert args.lr == pytest.approx(0.05) and args.augmentations == "asymmetric" and args.tau_base == 0.99
-    assert "synthetic_recipe" not in vars(args)  # not stored with the run: a resume reads the resolved values
+    assert args.augmentations == "asymmetric" and args.tau_base == 0.99
     # flags equal to the CIFAR defaults are still flags: this is the earlier offline default
     args = byol.parse_args(["--dataset", "synthetic", "--optimizer", "lars", "--base-lr", "1.0",
                             "--weight-decay", "1e-5", "--epochs", "40"])
-    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == ("lars", 1.0, 1e-5, 40, 4)
+    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == \
+        ("lars", 1.0, 1e-5, 40, 4)
     assert byol.parse_args(["--dataset", "synthetic", "--base-lr", "0.1"]).optimizer == "sgd"
     args = byol.parse_args(["--dataset", "cifar10"])  # the reference recipe everywhere else
-    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == ("lars", 1.0, 1e-5, 1000, 10)
+    assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs, args.warmup_epochs) == \
+        ("lars", 1.0, 1e-5, 1000, 10)
     for module, reference in ((simclr, ("lars", 0.4, 1e-5)), (vicreg, ("lars", 0.3, 1e-4)), (intl, ("sgd", 0.3, 1e-4))):
         args = module.parse_args(["--dataset", "synthetic"])
         assert (args.optimizer, args.base_lr, args.weight_decay, args.epochs) == (*reference, 40)
@@ -502,6 +597,103 @@ def test_knn_matches_numpy(k, temperature, weighted):
     got = common.knn_predict(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), 5,
                              k=k, temperature=temperature, weighted=weighted, chunk_size=16)
     assert got.tolist() == expected.tolist()
+
+
+def euclidean_5nn_numpy(train, train_labels, test, num_classes):
+    """INTL's 5-NN (0aa69af cifar/eval/evaluate.py), one query at a time: the 5 smallest Euclidean
+    distances, then the most frequent label, ties to the smallest label (np.unique sorts, argmax takes
+    the first)."""
+    predictions = []
+    for query in test:
+        nearest = np.argsort(np.linalg.norm(train - query, axis=1), kind="stable")[:5]
+        values, counts = np.unique(train_labels[nearest], return_counts=True)
+        predictions.append(int(values[np.argmax(counts)]))
+    return np.array(predictions)
+
+
+def test_euclidean_5nn_matches_numpy_including_ties():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(300, 12)) * rng.uniform(0.2, 3, size=12), rng.normal(size=(80, 12))
+    labels = rng.integers(0, 6, size=300)
+    expected = euclidean_5nn_numpy(train, labels, test, 6)
+    got = common.knn_predict(torch.from_numpy(train), torch.from_numpy(labels), torch.from_numpy(test), 6, k=5,
+                             weighted=False, metric="euclidean", chunk_size=16)
+    assert got.tolist() == expected.tolist()
+    # a constructed tie: 2 + 2 + 1 votes, the two tied classes 4 and 1 -> the smaller label wins
+    train = torch.tensor([[1.0, 0], [1.1, 0], [0, 1.0], [0, 1.1], [-1.0, 0], [9.0, 9.0]])
+    tie_labels = torch.tensor([4, 4, 1, 1, 3, 0])
+    tied = common.knn_predict(train, tie_labels, torch.zeros(1, 2), 5, k=5, weighted=False, metric="euclidean")
+    assert tied.item() == 1
+    assert euclidean_5nn_numpy(train.numpy(), tie_labels.numpy(), np.zeros((1, 2)), 5).item() == 1
+
+
+def test_intl_probe_schedule_is_the_authors_exponential_decay():
+    # gamma = (1e-6 / 1e-2)^(1/500): epoch 0 at 1e-2, epoch 250 at 1e-4, the last epoch just above 1e-6
+    assert eval_linear.intl_probe_lr(0) == pytest.approx(1e-2)
+    assert eval_linear.intl_probe_lr(1) == pytest.approx(1e-2 * 0.9817479430199844)
+    assert eval_linear.intl_probe_lr(250) == pytest.approx(1e-4)
+    assert eval_linear.intl_probe_lr(499) == pytest.approx(1e-2 * (1e-4) ** (499 / 500), rel=1e-12)
+    assert eval_linear.intl_probe_lr(499) == pytest.approx(1.0186e-6, rel=1e-4)
+    assert eval_linear.PROTOCOLS["intl"] == dict(epochs=500, batch_size=1000, lr=1e-2)
+
+
+def test_intl_probe_learns_separable_raw_features_and_uses_its_settings():
+    train, train_labels = separable_features(n_per_class=2500, seed=0)   # 10 batches of 1000 an epoch
+    test, test_labels = separable_features(seed=1)
+    seen = {}
+    real_adam = torch.optim.Adam
+
+    def recording_adam(params, **kwargs):
+        seen.update(kwargs)
+        return real_adam(params, **kwargs)
+
+    with mock.patch.object(eval_linear.torch.optim, "Adam", recording_adam):
+        top1, top5 = eval_linear.intl_linear_probe(train * 7 + 3, train_labels, test * 7 + 3, test_labels, 4, epochs=40)
+    assert (top1, top5) == (100.0, 100.0) and seen == dict(lr=1e-2, weight_decay=5e-6)
+
+
+def test_online_probe_sees_no_gradient_path_to_the_backbone_and_skips_unlabelled_images():
+    torch.manual_seed(0)
+    backbone, projector = nn.Linear(6, 4), nn.Linear(4, 3)
+    probe = nn.Linear(4, 5)
+    x1, x2, labels = torch.randn(8, 6), torch.randn(8, 6), torch.tensor([0, 1, 2, 3, 4, -1, -1, 0])
+    h1, h2 = backbone(x1), backbone(x2)
+    ssl = projector(h1).pow(2).mean() + projector(h2).pow(2).mean()
+    ssl.backward(retain_graph=True)
+    without = [p.grad.clone() for p in (*backbone.parameters(), *projector.parameters())]
+    loss = common.online_probe_loss(probe, (h1, h2), labels)
+    loss.backward()
+    assert all(torch.equal(g, p.grad) for g, p in zip(without, (*backbone.parameters(), *projector.parameters())))
+    assert probe.weight.grad.abs().sum() > 0
+    # the cross-entropy of each view over the labelled images only, averaged over the views
+    logits = [probe(h.detach()) for h in (h1, h2)]
+    keep = labels >= 0
+    expected = sum(nn.functional.cross_entropy(z[keep], labels[keep]) for z in logits) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert common.online_probe_loss(probe, (h1, h2), torch.full((8,), -1)).item() == 0.0
+
+
+def test_online_probe_trains_in_the_same_optimiser_without_decay_and_learns_separable_features():
+    train, labels = separable_features(seed=0)
+    model = nn.ModuleDict({"backbone": nn.Linear(8, 8), "online_probe": nn.Linear(8, 4)})
+    for name in ("lars", "sgd"):
+        optimizer = common.build_optimizer(name, model, lr=0.4, weight_decay=1e-4, probe_lr=0.1)
+        probe_groups = [g for g in optimizer.param_groups if "lr_ratio" in g]
+        assert sum(len(g["params"]) for g in probe_groups) == 2 and all(g["weight_decay"] == 0 for g in probe_groups)
+        common.set_lr(optimizer, 0.2)                              # half the peak: the probe at half its own peak
+        assert [g["lr"] for g in probe_groups] == pytest.approx([0.05, 0.05])
+        assert all(g["lr"] == 0.2 for g in optimizer.param_groups if "lr_ratio" not in g)
+    regularizer = common.OrthogonalityRegularizer(model, "so", heads=True)
+    assert not any(name.startswith("online_probe") for name in regularizer.layer_names)
+    probe = nn.Linear(8, 4)
+    optimizer = common.build_optimizer("lars", nn.ModuleDict({"online_probe": probe}), 0.1, 1e-5, probe_lr=0.1)
+    for _ in range(200):
+        loss = common.online_probe_loss(probe, (train,), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test, test_labels = separable_features(seed=1)
+    assert common.accuracy(probe(test).argmax(dim=1), test_labels) == 100.0
 
 
 def separable_features(n_per_class=40, num_classes=4, dim=8, seed=0):
@@ -556,30 +748,28 @@ def test_embedding_stats_tell_collapse_from_spread():
 # Data
 # ----------------------------------------------------------------------------------------------
 def test_synthetic_images_are_deterministic_balanced_and_seeded():
-    images, labels = common.make_synthetic_images(200, seed=3)
+    images, labels = synthetic.make_synthetic_images(200, seed=3)
     assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
     assert np.bincount(labels).tolist() == [20] * 10
-    again, again_labels = common.make_synthetic_images(200, seed=3)
+    again, again_labels = synthetic.make_synthetic_images(200, seed=3)
     assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
-    other, _ = common.make_synthetic_images(200, seed=4)
+    other, _ = synthetic.make_synthetic_images(200, seed=4)
     assert not np.array_equal(images, other)
     assert images.std() > 20  # not a blank canvas
 
 
 def test_missing_folder_ends_with_one_line_and_exit_2(tmp_path, capsys):
-    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path / "nowhere"), image_size=None)
     with pytest.raises(SystemExit) as exit_info:
-        common.dataset_source(args)
+        common.dataset_source("folder", str(tmp_path / "nowhere"))
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "--data-dir" in message and "train" in message
 
 
 def test_failed_download_says_what_to_do(tmp_path, capsys):
-    args = SimpleNamespace(dataset="cifar10", data_dir=str(tmp_path), image_size=None)
     offline = mock.patch("torchvision.datasets.CIFAR10", side_effect=urllib.error.URLError("no network"))
     with offline, pytest.raises(SystemExit) as exit_info:
-        common.dataset_source(args).make("train", None)
+        common.dataset_source("cifar10", str(tmp_path)).make("train", None)
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "--dataset synthetic" in message and "URLError" in message
@@ -591,7 +781,7 @@ def test_folder_dataset_reads_imagefolder_layout(tmp_path):
             os.makedirs(tmp_path / split / name)
             for i in range(3):
                 Image.new("RGB", (40, 48), (i * 40, 0, 0)).save(tmp_path / split / name / f"{i}.png")
-    source = common.dataset_source(SimpleNamespace(dataset="folder", data_dir=str(tmp_path), image_size=None))
+    source = common.dataset_source("folder", str(tmp_path))
     assert source.image_size == 40  # shorter side of the first image
     test = source.make("test", common.eval_transform(40, source.mean, source.std))  # falls back to val/
     assert len(test) == 6 and test.classes == ["cat", "dog"] and test[0][0].shape == (3, 40, 40)
@@ -637,8 +827,7 @@ def test_corrupt_or_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
 def test_images_per_second_is_windowed_and_leaves_out_evaluation(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
-    args = SimpleNamespace(epochs=1, batch_size=10, log_every=2)
-    log = common.RunLogger(str(tmp_path), args, steps_per_epoch=6)
+    log = common.RunLogger(str(tmp_path), epochs=1, steps_per_epoch=6, batch_size=10, log_every=2)
     loss = {"loss": torch.tensor(1.0)}
     for step, seconds in enumerate([1.0, 1.0, 0.25, 0.25], start=1):   # two windows: slow, then fast
         clock[0] += seconds
@@ -745,7 +934,8 @@ def test_regularised_layers_of_resnet18_are_its_20_convs_and_heads_extend_them()
     projector, predictor = common.projection_mlp([512, 64, 32]), common.projection_mlp([32, 64, 32])
     model = nn.ModuleDict({"backbone": backbone, "projector": projector, "predictor": predictor,
                            "target": nn.ModuleDict({"backbone": common.small_convnet()})})
-    expected = ["backbone.conv1"] + [f"backbone.layer{s}.{b}.conv{c}" for s in range(1, 5) for b in (0, 1) for c in (1, 2)]
+    expected = ["backbone.conv1"]
+    expected += [f"backbone.layer{s}.{b}.conv{c}" for s in range(1, 5) for b in (0, 1) for c in (1, 2)]
     expected += [f"backbone.layer{s}.0.downsample.0" for s in (2, 3, 4)]
     plain = common.OrthogonalityRegularizer(model, "so")
     assert len(plain.layers) == 20 and sorted(plain.layer_names) == sorted(expected)
@@ -774,14 +964,18 @@ def test_feature_spectra_match_numpy_covariance_eigenvalues():
     torch.manual_seed(5)
     backbone, projector = common.small_convnet().eval(), common.projection_mlp([256, 32, 8]).eval()
     images = torch.randn(64, 3, 16, 16)
-    spectra = common.feature_spectra(backbone, projector, images, batch_size=20)
+    spectra = spectrum.feature_spectra(backbone, projector, images, batch_size=20)
     assert list(spectra) == ["block1", "block2", "block3", "block4", "representation", "projector"]
     with torch.no_grad():
         h = backbone(images)
-        for name, x in (("representation", h), ("projector", projector(h)), ("block1", backbone[:3](images).mean(dim=(2, 3)))):
+        for name, x in (
+            ("representation", h),
+            ("projector", projector(h)),
+            ("block1", backbone[:3](images).mean(dim=(2, 3))),
+        ):
             expected = np.sort(np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False)))[::-1].clip(min=0)
             np.testing.assert_allclose(spectra[name].numpy(), expected, rtol=1e-6, atol=1e-10)
-    stages = [name for name, _, _ in common.feature_stages(common.build_backbone("resnet18", 32)[0])]
+    stages = [name for name, _, _ in spectrum.feature_stages(common.build_backbone("resnet18", 32)[0])]
     assert stages == ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 
@@ -793,7 +987,10 @@ def test_ortho_so_run_ends_closer_to_orthogonal_than_the_same_run_without(tmp_pa
         result = run_script("simclr.py", *TINY_RUN, "--ortho", kind, *weight, "--run-name", kind, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         shown = "0.1" if kind == "so" else "0"
-        assert f"--ortho {kind} (weight {shown}) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)" in result.stdout
+        assert (
+            f"--ortho {kind} (weight {shown}) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)"
+            in result.stdout
+        )
         records = [json.loads(line) for line in open(tmp_path / "runs" / kind / "metrics.jsonl")]
         train = [r for r in records if r["type"] == "train"]
         assert ("ortho" in train[0]) == (kind == "so")
@@ -855,9 +1052,9 @@ def method_sections(path):
     return sections
 
 
-def test_method_files_share_their_boilerplate_byte_for_byte():
-    """diff simclr.py byol.py shows only the method: every TRY NOT TO MODIFY section is identical,
-    the shared argument block (from its marker to the ALGO-SPECIFIC marker) included."""
+def test_method_files_differ_only_in_the_method():
+    """diff simclr.py byol.py shows only the method: every TRY NOT TO MODIFY section is identical.
+    The shared flags are not copied into the files at all (add_common_args, add_recipe_args)."""
     reference = method_sections(os.path.join(HERE, "simclr.py"))
     shared = [m for m in reference if m.startswith("# TRY NOT TO MODIFY")]
     assert len(shared) == 5, shared
@@ -868,6 +1065,32 @@ def test_method_files_share_their_boilerplate_byte_for_byte():
             assert sections[marker] == reference[marker], (method, marker)
         algo = [m for m in sections if m.startswith("# ALGO")]
         assert {"# ALGO LOGIC: loss", "# ALGO LOGIC: model", "# ALGO LOGIC: training step"} <= set(algo), algo
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_common(method):
+    """The recipe flags are declared by add_recipe_args with every value given in the method file
+    (no hidden default), and the infrastructure flags are exactly add_common_args's."""
+    module = METHODS[method]
+    source = open(os.path.join(HERE, f"{method}.py")).read()
+    call = source[source.index("add_recipe_args(parser,"):source.index(")", source.index("add_recipe_args(parser,"))]
+    recipe = ("epochs", "batch_size", "optimizer", "base_lr", "weight_decay", "warmup_epochs", "final_lr_ratio",
+              "augmentations")
+    assert all(f"{name}=" in call for name in recipe)
+    assert "add_argument(\"--dataset\"" not in source and source.count("add_common_args(parser)") == 1
+    common_parser = argparse.ArgumentParser()
+    common.add_common_args(common_parser)
+    shared = {a.dest for a in common_parser._actions} - {"help"}
+    parser_dests = set()
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def capture(self, argv=None, namespace=None):
+        parser_dests.update(a.dest for a in self._actions)
+        return real_parse(self, argv, namespace)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
+        module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
+    assert shared | set(recipe) <= parser_dests
 
 
 def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
@@ -881,9 +1104,13 @@ def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
     assert [r["step"] for r in train] == list(range(1, 9))          # 256 // 64 = 4 steps x 2 epochs
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in train)
     assert train[0]["lr"] == pytest.approx(0.4 * 64 / 256 / 4)      # warm-up: a quarter of the peak
-    assert [r["epoch"] for r in evals] == [1, 2] and 0 <= evals[-1]["knn_top1"] <= 100
-    assert "linear_top1" in evals[-1] and evals[-1]["proj_erank"] >= 1
-    assert json.load(open(run_dir / "args.json"))["lr"] == pytest.approx(0.1)
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and 0 <= evals[-1]["knn_top1"] <= 100  # 0: untrained
+    assert "linear_top1" in evals[-1] and "linear_top1" not in evals[0] and evals[-1]["proj_erank"] >= 1
+    assert train[3]["lr"] == pytest.approx(0.4 * 64 / 256)                 # the peak: base lr x batch / 256
+    assert json.load(open(run_dir / "args.json"))["pipeline"] == "tensor"   # what auto chose is stored
+    untrained, trained = evals[0]["knn_top1"], evals[-1]["knn_top1"]
+    assert f"kNN top-1 (weighted, k=200, clean test images): {untrained:.1f}% untrained -> {trained:.1f}%" \
+        in result.stdout
 
     for name in ("checkpoint.pt", "backbone.pt"):
         result = run_script("eval_linear.py", "--checkpoint", str(run_dir / name), "--epochs", "5",
@@ -899,7 +1126,7 @@ def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
     baseline = json.load(open(run_dir / "linear_eval_random_init.json"))
     assert baseline["random_init"] and not json.load(open(run_dir / "linear_eval.json"))["random_init"]
 
-    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--augment",
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--protocol", "augmented",
                         "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.load(open(run_dir / "linear_eval_augmented.json"))["protocol"] == "augmented"
@@ -923,7 +1150,7 @@ def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
                for r in train)
     args = json.load(open(run_dir / "args.json"))
     assert train[0]["lr"] == pytest.approx(args["base_lr"] * 64 / 256 / 4)  # warm-up 1 epoch = 4 steps
-    assert [r["epoch"] for r in evals] == [1, 2] and "linear_top1" in evals[-1]
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and "linear_top1" in evals[-1]
     result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--epochs", "2",
                         "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -940,12 +1167,16 @@ def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
         trainable = [v for k, v in online.items() if v.is_floating_point() and "running_" not in k]
         assert len(checkpoint["optimizer"]["state"]) == len(trainable)
         # the target moved (EMA) but is not the online network
-        weight = "backbone.0.weight" if "backbone.0.weight" in online else next(k for k in online if k.endswith("weight"))
+        weight = (
+            "backbone.0.weight" if "backbone.0.weight" in online else next(k for k in online if k.endswith("weight"))
+        )
         assert not torch.equal(model["target." + weight], model[weight])
 
 
-@pytest.mark.parametrize("method,pipeline,workers,ortho", [("simclr", "tensor", "0", "none"), ("simclr", "pil", "2", "none"),
-                                                            ("byol", "tensor", "0", "srip")])
+@pytest.mark.parametrize(
+    "method,pipeline,workers,ortho",
+    [("simclr", "tensor", "0", "none"), ("simclr", "pil", "2", "none"), ("byol", "tensor", "0", "srip")],
+)
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch, method, pipeline, workers, ortho):
     """Weights, BN buffers, BYOL's target, SRIP's power-iteration vectors and optimiser state all
     match after an interruption; both pipelines draw the same augmentations after a resume."""
@@ -977,7 +1208,9 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch,
     assert resumed["epoch"] == straight["epoch"] == 2 and resumed["global_step"] == 8
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
-    assert sum(key.startswith("ortho.srip_vectors_") for key in straight["model"]) == (6 if ortho == "srip" else 0)  # 4 conv shapes + 2 head shapes
+    assert sum(key.startswith("ortho.srip_vectors_") for key in straight["model"]) == (
+        6 if ortho == "srip" else 0
+    )  # 4 conv shapes + 2 head shapes
     if method == "byol":  # spectrum.py covers the layers the run regularised, the predictor included
         import spectrum
         run, spectra = spectrum.run_spectra("runs/straight/checkpoint.pt", 16, None, torch.device("cpu"))
@@ -1000,7 +1233,8 @@ def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkey
     with pytest.raises(SystemExit):
         simclr.parse_args(["--resume", "runs/a/backbone.pt"])        # a bare state dict is not resumable
     state = torch.load("runs/a/checkpoint.pt", weights_only=True)   # a run saved before --ortho existed
-    assert (state["args"]["pipeline"], state["args"]["precision"], state["args"]["compile"]) == ("tensor", "fp32", False)
+    assert (state["args"]["pipeline"], state["args"]["precision"], state["args"]["compile"]) == \
+        ("tensor", "fp32", False)
     for key in ("ortho", "ortho_weight", "ortho_heads", "pipeline", "compile"):
         del state["args"][key]
     torch.save(state, "runs/a/old.pt")
@@ -1059,13 +1293,14 @@ def random_images(num, height=32, width=32, seed=0):
 def test_batched_resized_crop_and_flip_equal_torchvision_per_image(height, width, size):
     """Crops smaller and larger than the output (upsampling and antialiased downsampling), full
     frame, edge boxes; the flip folded into the column weights equals a flip of the output."""
-    images = 0.3 + 0.4 * random_images(6, height, width)  # no bicubic overshoot out of [0, 1]: PIL's clip between passes is idle
+    images = 0.3 + 0.4 * random_images(6, height,
+                                       width)  # no bicubic overshoot out of [0, 1]: PIL's clip between passes is idle
     top = torch.tensor([0, 3, height - 5, 0, 1, 7])
     left = torch.tensor([0, 7, width - 9, 0, 2, 1])
     h = torch.tensor([height, 10, 5, 4, height - 1, 20])
     w = torch.tensor([width, 15, 9, width, width - 2, 3])
     flip = torch.tensor([False, True, False, True, True, False])
-    out = common.resized_crop(images, top, left, h, w, size, flip=flip)
+    out = tensor_pipeline.resized_crop(images, top, left, h, w, size, flip=flip)
     assert out.shape == (6, 3, size, size)
     for b in range(6):
         expected = TF.resized_crop(images[b], int(top[b]), int(left[b]), int(h[b]), int(w[b]), [size, size],
@@ -1080,7 +1315,7 @@ def test_batched_resized_crop_matches_the_pil_path_within_its_rounding():
     images = (random_images(4) * 255).round()
     boxes = [(0, 0, 32, 32), (3, 5, 12, 20), (10, 2, 22, 27), (20, 20, 6, 7)]
     top, left, h, w = (torch.tensor(column) for column in zip(*boxes))
-    out = common.resized_crop(images / 255, top, left, h, w, 32) * 255
+    out = tensor_pipeline.resized_crop(images / 255, top, left, h, w, 32) * 255
     for b, (i, j, bh, bw) in enumerate(boxes):
         pil = Image.fromarray(images[b].permute(1, 2, 0).numpy().astype(np.uint8))
         expected = torch.from_numpy(np.array(TF.resized_crop(pil, i, j, bh, bw, [32, 32], BICUBIC))).permute(2, 0, 1)
@@ -1095,7 +1330,7 @@ def test_blends_equal_torchvision_brightness_contrast_saturation(which, torchvis
                              blend_order=torch.tensor([[which, (which + 1) % 3, (which + 2) % 3]] * 5),
                              hue_position=torch.full((5,), 3))  # the hue (shift 0) after the three blends
     jitter.factors[:, which] = factors
-    out = common.color_jitter(images, jitter)
+    out = tensor_pipeline.color_jitter(images, jitter)
     for b in range(5):
         torch.testing.assert_close(out[b], torchvision_op(images[b], float(factors[b])), rtol=0, atol=2e-6)
 
@@ -1105,17 +1340,18 @@ def test_hue_grayscale_blur_and_solarize_equal_torchvision():
     images[0, :, :4] = 0.5          # grey pixels: zero saturation, hue undefined
     images[1, 1] = images[1, 0]     # R == G ties
     shifts = torch.tensor([0.0, 0.1, -0.5, 0.33, -0.07])
-    hue = common.adjust_hue(images, shifts)
+    hue = tensor_pipeline.adjust_hue(images, shifts)
     sigmas = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
-    blurred = common.gaussian_blur(images, sigmas, 7)
-    gray = common.grayscale(images)
+    blurred = tensor_pipeline.gaussian_blur(images, sigmas, 7)
+    gray = tensor_pipeline.grayscale(images)
     for b in range(5):
         torch.testing.assert_close(hue[b], TF.adjust_hue(images[b], float(shifts[b])), rtol=0, atol=2e-6)
-        torch.testing.assert_close(blurred[b], TF.gaussian_blur(images[b], [7, 7], [float(sigmas[b])] * 2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(blurred[b], TF.gaussian_blur(images[b], [7, 7], [float(sigmas[b])] * 2), rtol=0,
+                                   atol=1e-6)
         torch.testing.assert_close(gray[b], TF.rgb_to_grayscale(images[b]), rtol=0, atol=1e-7)
     # solarize as in the view: pixels >= 128/255 inverted, as PIL's solarize(threshold=128) on uint8
     levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
-    view = common.BatchedView(16, (0.0,) * 3, (1.0,) * 3, crop_scale=(1.0, 1.0), jitter_p=0, gray_p=0,
+    view = tensor_pipeline.BatchedView(16, (0.0,) * 3, (1.0,) * 3, crop_scale=(1.0, 1.0), jitter_p=0, gray_p=0,
                               solarize_p=1.0, flip_p=0)
     pil = Image.fromarray(levels[0].permute(1, 2, 0).numpy())
     expected = torch.from_numpy(np.array(TF.solarize(pil, 128))).permute(2, 0, 1).float() / 255
@@ -1128,8 +1364,8 @@ def test_color_jitter_applies_the_drawn_order_like_torchvision():
     torchvision's adjust_* in that order to the single image gives the same result."""
     images = random_images(24, seed=1)
     generator = torch.Generator().manual_seed(3)
-    jitter = common.sample_color_jitter(24, 0.8, 0.8, 0.8, 0.2, 1.0, generator)
-    out = common.color_jitter(images, jitter)
+    jitter = tensor_pipeline.sample_color_jitter(24, 0.8, 0.8, 0.8, 0.2, 1.0, generator)
+    out = tensor_pipeline.color_jitter(images, jitter)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for b in range(24):
         order = jitter.blend_order[b].tolist()
@@ -1143,7 +1379,7 @@ def test_color_jitter_applies_the_drawn_order_like_torchvision():
 
 def test_color_jitter_draws_uniform_orders_and_factors_in_range():
     generator = torch.Generator().manual_seed(0)
-    jitter = common.sample_color_jitter(24_000, 0.4, 0.4, 0.2, 0.1, 0.8, generator)
+    jitter = tensor_pipeline.sample_color_jitter(24_000, 0.4, 0.4, 0.2, 0.1, 0.8, generator)
     applied = jitter.hue_shift != 0
     assert abs(applied.float().mean().item() - 0.8) < 0.01
     f = jitter.factors[applied]
@@ -1161,7 +1397,8 @@ def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return np.abs(np.searchsorted(a, grid, side="right") / len(a) - np.searchsorted(b, grid, side="right") / len(b)).max()
+    cdf = lambda x: np.searchsorted(x, grid, side="right") / len(x)  # noqa: E731
+    return np.abs(cdf(a) - cdf(b)).max()
 
 
 @pytest.mark.parametrize("height,width,scale", [(32, 32, (0.08, 1.0)), (32, 32, (0.2, 1.0)), (96, 64, (0.08, 1.0)),
@@ -1171,7 +1408,8 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale):
     torchvision's RandomResizedCrop.get_params below the 0.1% critical value. The (40, 10) image
     often falls back to the central crop: the fallback's share matches too."""
     n, ratio = 6000, (3 / 4, 4 / 3)
-    top, left, h, w = common.sample_crop_boxes(n, height, width, scale, ratio, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    top, left, h, w = tensor_pipeline.sample_crop_boxes(n, height, width, scale, ratio, generator)
     torch.manual_seed(0)
     image = torch.zeros(1, height, width)
     reference = np.array([common.T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(n)])
@@ -1187,7 +1425,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale):
 
 def test_batched_views_give_every_image_its_own_draws_and_keep_the_shape():
     image = (random_images(1) * 255).to(torch.uint8)
-    view1, view2 = (common.BatchedView(32, (0.5,) * 3, (0.25,) * 3, **settings)
+    view1, view2 = (tensor_pipeline.BatchedView(32, (0.5,) * 3, (0.25,) * 3, **settings)
                     for settings in common.recipe_settings("symmetric", 32))
     generator = torch.Generator().manual_seed(0)
     batch = image.expand(8, 3, 32, 32)
@@ -1204,24 +1442,28 @@ def test_batched_views_give_every_image_its_own_draws_and_keep_the_shape():
 
 def test_batched_view_of_a_full_frame_without_jitter_is_the_normalised_image():
     images = (random_images(3) * 255).to(torch.uint8)
-    view = common.BatchedView(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), crop_scale=(1.0, 1.0), jitter_p=0,
+    view = tensor_pipeline.BatchedView(32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), crop_scale=(1.0, 1.0), jitter_p=0,
                               gray_p=0, flip_p=0)
-    expected = (images.float() / 255 - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[:, None, None]
+    expected = (images.float() / 255 - torch.tensor([0.4, 0.5, 0.6])[:, None, None]) / torch.tensor([0.2, 0.25, 0.3])[
+        :, None, None
+    ]
     torch.testing.assert_close(view(images, torch.Generator().manual_seed(0)), expected, rtol=0, atol=1e-5)
 
 
 def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path):
     """Same dataset both ways: the same number of batches, same labels, and the evaluation images
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
-    args = SimpleNamespace(dataset="synthetic", synthetic_size=600, image_size=None, augmentations="asymmetric",
-                           batch_size=128, seed=0, device="cpu", num_workers=0, pipeline="tensor")
+    args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
+                           augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
+                           pipeline="tensor")
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
     assert tensor.pipeline == "tensor" and pil.pipeline == "pil"
     assert tensor.train_loader.images is tensor.eval_train_loader.images  # one copy of the training images
     assert len(tensor.train_loader) == len(pil.train_loader) == 4 and tensor.num_classes == pil.num_classes == 10
-    for loader_t, loader_p in ((tensor.eval_train_loader, pil.eval_train_loader), (tensor.eval_test_loader, pil.eval_test_loader)):
+    pairs = ((tensor.eval_train_loader, pil.eval_train_loader), (tensor.eval_test_loader, pil.eval_test_loader))
+    for loader_t, loader_p in pairs:
         (xt, yt), (xp, yp) = next(iter(loader_t)), next(iter(loader_p))
         assert torch.equal(yt, yp)
         torch.testing.assert_close(xt, xp, rtol=0, atol=1e-5)
@@ -1234,8 +1476,9 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
             for i in range(3):
                 pixels = np.random.default_rng(i + 10 * c).integers(0, 256, (40, 40, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
-    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), image_size=32, augmentations="asymmetric",
-                           batch_size=2, seed=0, device="cpu", num_workers=0, pipeline="tensor")
+    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
+                           augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
+                           pipeline="tensor")
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)
@@ -1254,23 +1497,24 @@ def test_folder_is_decoded_once_and_cached_beside_the_data_or_in_home(tmp_path, 
             pixels = np.random.default_rng(i + 10 * c).integers(0, 256, (8, 8, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(data / "train" / f"c{c}" / f"{i}.png")
             expected.append(pixels)
-    images, labels, classes = common._folder_arrays(str(data), "train")
-    assert np.array_equal(images, np.stack(expected)) and labels.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["c0", "c1"]
+    images, labels, classes = tensor_pipeline.folder_arrays(str(data), "train")
+    assert np.array_equal(images, np.stack(expected))
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["c0", "c1"]
     cached = list((data / ".cache").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("train-uint8-")
-    with mock.patch.object(common.Image, "open", side_effect=AssertionError("decoded again")):
-        again = common._folder_arrays(str(data), "train")
+    with mock.patch.object(tensor_pipeline.Image, "open", side_effect=AssertionError("decoded again")):
+        again = tensor_pipeline.folder_arrays(str(data), "train")
     assert np.array_equal(again[0], images)
     Image.fromarray(expected[0]).save(data / "train" / "c0" / "new.png")  # the folder changed: decoded anew
-    assert len(common._folder_arrays(str(data), "train")[0]) == 7
+    assert len(tensor_pipeline.folder_arrays(str(data), "train")[0]) == 7
     # images of two sizes stay on disk: auto falls back to PIL, --pipeline tensor says why
     Image.fromarray(np.zeros((9, 8, 3), dtype=np.uint8)).save(data / "train" / "c1" / "odd.png")
-    reason = common._folder_arrays(str(data), "train")
+    reason = tensor_pipeline.folder_arrays(str(data), "train")
     assert isinstance(reason, str) and "not 8x8" in reason
-    source = SimpleNamespace(arrays=lambda split: reason)
-    assert common.tensor_arrays(source, "auto") is None
+    source = common.dataset_source("folder", str(data))
+    assert tensor_pipeline.build_data(source, "auto", "asymmetric", 2, torch.device("cpu")) is None
     with pytest.raises(SystemExit):
-        common.tensor_arrays(source, "tensor")
+        tensor_pipeline.build_data(source, "tensor", "asymmetric", 2, torch.device("cpu"))
     assert capsys.readouterr().err.startswith("error: --pipeline tensor needs the dataset in memory")
 
 
@@ -1286,8 +1530,8 @@ def test_folder_cache_goes_to_home_when_the_data_is_read_only(tmp_path, monkeypa
             raise PermissionError(path)
         return real_makedirs(path, *args, **kwargs)
 
-    with mock.patch.object(common.os, "makedirs", read_only):
-        common._folder_arrays(str(data), "train")
+    with mock.patch.object(tensor_pipeline.os, "makedirs", read_only):
+        tensor_pipeline.folder_arrays(str(data), "train")
     assert not (data / ".cache").exists()
     assert len(list((tmp_path / "home" / ".cache" / "ssl-spectrum").rglob("train-uint8-*.npz"))) == 1
 
@@ -1324,7 +1568,8 @@ def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, m
     import bench
     monkeypatch.chdir(tmp_path)
     args = bench.parse_args(["speed", "--methods", "byol", "--arch", "convnet", "--synthetic-size", "300",
-                             "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device", "cpu"])
+                             "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device",
+                             "cpu"])
     assert args.precision == "fp32"  # auto on the CPU
     with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema, \
             mock.patch.object(byol, "build_optimizer", wraps=byol.build_optimizer) as optimizer:

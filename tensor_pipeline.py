@@ -1,0 +1,346 @@
+# The tensor pipeline: the augmentation recipes of common.py applied to whole batches of images held
+# in memory (on the GPU when training on one), with every image's own random parameters. A speed
+# twin of torchvision's PIL transforms, tested against them op by op (test_methods.py); optional:
+# without this file beside common.py, every method trains with the PIL pipeline.
+import hashlib
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common import Data, blur_kernel_size, die, image_folder, recipe_settings
+
+MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched augmentations: the same recipes on tensors, with every image's own random parameters
+# ----------------------------------------------------------------------------------------------
+# torchvision's transforms draw one set of parameters per call, so on a batch every image would get
+# the same crop and colours (wrong for SSL). BatchedView draws them per image, on the images'
+# device, without host syncs. Images are float (B, 3, H, W) in [0, 1] between the steps.
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+def uniform(low, high, size, generator):
+    """Uniform draws in [low, high) on the generator's device; low and high may be tensors."""
+    return low + (high - low) * torch.rand(size, generator=generator, device=generator.device)
+
+
+def sample_crop_boxes(num, height, width, scale, ratio, generator):
+    """RandomResizedCrop.get_params for `num` images at once; returns (top, left, h, w), each (num,).
+    As torchvision: up to 10 tries of an area fraction uniform in `scale` and an aspect ratio
+    log-uniform in `ratio`; the first box that fits is placed uniformly; if none fits, the central
+    crop with the aspect ratio clamped to `ratio`. All 10 tries are drawn at once (same law)."""
+    tries = 10
+    area = height * width * uniform(scale[0], scale[1], (num, tries), generator)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), (num, tries), generator))
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # (num, tries)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first try that fits (0 if none)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
+    if width / height < min(ratio):
+        fallback_w, fallback_h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        fallback_w, fallback_h = round(height * max(ratio)), height
+    else:
+        fallback_w, fallback_h = width, height
+    w = torch.where(found, w, float(fallback_w))
+    h = torch.where(found, h, float(fallback_h))
+    top = torch.where(found, torch.floor(uniform(0, height - h + 1, num, generator)), (height - fallback_h) // 2)
+    left = torch.where(found, torch.floor(uniform(0, width - w + 1, num, generator)), (width - fallback_w) // 2)
+    return top.long(), left.long(), h.long(), w.long()
+
+
+def bicubic_resize_matrix(start, length, in_size, out_size):
+    """(B, out_size, in_size) weights that resample pixels [start, start + length) of one image axis
+    to out_size pixels, per image: PIL's bicubic filter (a = -0.5), widened by the scale factor when
+    shrinking (antialias), each row normalised to sum 1; the PIL path's resize, written as a matrix."""
+    scale = (length.float() / out_size)[:, None, None]                                  # (B, 1, 1)
+    centre = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[:, None] * scale
+    pixel = torch.arange(in_size, device=start.device) + 0.5                           # (in_size,)
+    t = (pixel - centre).abs() / scale.clamp(min=1)                                     # (B, out, in)
+    a = -0.5
+    weights = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                          torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.0))
+    inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])  # only the crop
+    weights = weights * inside
+    return weights / weights.sum(dim=2, keepdim=True)
+
+
+def resized_crop(images, top, left, h, w, size, flip=None):
+    """Crop each image to its own box and resize it to size (an int for square, or (height, width))
+    with the bicubic matrices, an optional per-image horizontal flip folded into the column weights.
+    As PIL: columns first, clipped to [0, 1] before the rows (PIL's uint8 clips bicubic overshoot
+    between its two passes; without this, high-contrast edges differ by ~14 of 255 levels).
+    (B, 3, H, W) -> (B, 3, out_h, out_w)."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    rows = bicubic_resize_matrix(top, h, images.shape[2], out_h)                      # (B, out_h, H)
+    cols = bicubic_resize_matrix(left, w, images.shape[3], out_w)                     # (B, out_w, W)
+    if flip is not None:
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)
+    x = (images @ cols[:, None].transpose(2, 3)).clamp(0, 1)                         # (B, 3, H, out_w)
+    return (rows[:, None] @ x).clamp(0, 1)
+
+
+def grayscale(images):
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    r, g, b = images.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def blend(images, target, factor):
+    """factor * images + (1 - factor) * target, clipped to [0, 1]; factor (B,). Brightness blends
+    with black, contrast with the image's mean grey, saturation with its own grey (torchvision)."""
+    return torch.lerp(target, images, factor[:, None, None, None]).clamp_(0, 1)
+
+
+def rgb_to_hsv(images):
+    """(B, 3, H, W) RGB -> hue, saturation, value, each (B, H, W) in [0, 1]."""
+    r, g, b = images.unbind(1)
+    value = images.amax(dim=1)
+    chroma = value - images.amin(dim=1)
+    saturation = chroma / value.clamp(min=1e-12)
+    safe = chroma.clamp(min=1e-12)
+    hue = torch.where(value == r, ((g - b) / safe) % 6,
+                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    return torch.where(chroma > 0, hue, 0.0), saturation, value
+
+
+def hsv_to_rgb(hue, saturation, value):
+    """Inverse of rgb_to_hsv: channel n in (5, 3, 1) for (R, G, B) is V - V S clip(min(k, 4 - k), 0, 1)
+    with k = (n + 6 H) mod 6."""
+    channels = [value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1)
+                for k in ((n + 6 * hue) % 6 for n in (5, 3, 1))]
+    return torch.stack(channels, dim=1)
+
+
+def adjust_hue(images, shift):
+    """Rotate the hue by shift (B,) turns, in HSV as torchvision."""
+    hue, saturation, value = rgb_to_hsv(images)
+    return hsv_to_rgb((hue + shift[:, None, None]) % 1.0, saturation, value)
+
+
+def sample_color_jitter(num, brightness, contrast, saturation, hue, p, generator):
+    """torchvision's ColorJitter parameters for `num` images, applied with probability p: factors
+    uniform in [1 - x, 1 + x] (hue shift in [-x, x]) and the four adjustments in a uniformly random
+    order, drawn as a random position for the hue among a random order of the three blends. Images
+    left alone get identity factors. Returns factors (B, 3) of brightness, contrast, saturation,
+    hue_shift (B,), blend_order (B, 3) with 0 brightness / 1 contrast / 2 saturation, hue_position (B,)."""
+    apply = uniform(0, 1, num, generator) < p
+    factors = torch.stack([uniform(max(0.0, 1 - x), 1 + x, num, generator)
+                           for x in (brightness, contrast, saturation)], dim=1)
+    return SimpleNamespace(
+        factors=torch.where(apply[:, None], factors, 1.0),
+        hue_shift=torch.where(apply, uniform(-hue, hue, num, generator), 0.0),
+        blend_order=uniform(0, 1, (num, 3), generator).argsort(dim=1),
+        hue_position=torch.randint(0, 4, (num,), generator=generator, device=generator.device))
+
+
+def color_jitter(images, jitter):
+    """Apply sample_color_jitter's draws: the blends placed before the hue, the hue, then the blends
+    after it (each image its own order; the costly hue runs once for the whole batch)."""
+    def blends(images, before_hue):
+        for slot in range(3):
+            which = jitter.blend_order[:, slot]                                # (B,) 0, 1 or 2
+            active = (slot < jitter.hue_position) == before_hue
+            factor = torch.where(active, jitter.factors.gather(1, which[:, None])[:, 0], 1.0)
+            gray = grayscale(images)                                           # (B, 1, H, W)
+            target = torch.where(
+                (which == 0)[:, None, None, None],
+                0.0,  # black, mean grey, grey
+                torch.where((which == 1)[:, None, None, None], gray.mean(dim=(1, 2, 3), keepdim=True), gray),
+            )
+            images = blend(images, target, factor)
+        return images
+
+    images = blends(images, before_hue=True)
+    images = adjust_hue(images, jitter.hue_shift)
+    return blends(images, before_hue=False)
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """Blur each image with its own sigma (B,): a separable Gaussian of kernel_size taps with
+    reflect padding, as torchvision's gaussian_blur."""
+    num, channels, height, width = images.shape
+    half = kernel_size // 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*3, K)
+    flat = F.pad(images.reshape(1, num * channels, height, width), [half] * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=num * channels)               # along rows
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=num * channels)               # along columns
+    return flat.reshape(num, channels, height, width)
+
+
+class BatchedView:
+    """One augmented view of a batch of uint8 images (B, 3, H, W) -> normalised float (B, 3, S, S):
+    view_transform's steps, in its order, with the same settings, each image with its own draws."""
+
+    def __init__(self, crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
+                 saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
+                 flip_p=0.5):
+        self.crop_size, self.crop_scale, self.ratio = crop_size, crop_scale, (3 / 4, 4 / 3)
+        self.jitter = (brightness, contrast, saturation, hue, jitter_p)
+        self.gray_p, self.blur_p, self.solarize_p, self.flip_p = gray_p, blur_p, solarize_p, flip_p
+        self.kernel_size = blur_kernel_size(crop_size)
+        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+
+    def __call__(self, images, generator):
+        num, _, height, width = images.shape
+        coin = lambda p: torch.rand(num, generator=generator, device=generator.device) < p  # noqa: E731
+        top, left, h, w = sample_crop_boxes(num, height, width, self.crop_scale, self.ratio, generator)
+        x = resized_crop(images.float() / 255, top, left, h, w, self.crop_size, flip=coin(self.flip_p))
+        x = color_jitter(x, sample_color_jitter(num, *self.jitter, generator))
+        x = torch.where(coin(self.gray_p)[:, None, None, None], grayscale(x).expand_as(x), x)
+        if self.blur_p > 0:
+            sigma = uniform(0.1, 2.0, num, generator)
+            x = torch.where(coin(self.blur_p)[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
+        if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
+            x = torch.where(coin(self.solarize_p)[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+        if self.mean.device != x.device:  # moved once: a copy from host memory each call could stall the GPU queue
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders over images held in memory
+# ----------------------------------------------------------------------------------------------
+class TensorTwoViewLoader:
+    """The tensor pipeline's pretraining loader: shuffled batches of uint8 images (N, 3, H, W) held
+    on `device`, each turned into two views by BatchedView with its own draws, dropping the last
+    partial batch. Yields ((x1, x2), labels) like the PIL path's DataLoader. `generator`, on the same
+    device, draws the order and the augmentations; set_data_epoch reseeds it every epoch."""
+
+    def __init__(self, images, labels, view1, view2, batch_size, device):
+        self.images, self.labels, self.view1, self.view2 = images, labels.to(device), view1, view2
+        self.batch_size, self.device = batch_size, device
+        self.generator = torch.Generator(device)
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def __len__(self):
+        return len(self.images) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
+        for batch in order[:len(self) * self.batch_size].view(len(self), self.batch_size):
+            images = self.images[batch]                                             # (B, 3, H, W) uint8
+            x1, x2 = (view(images, self.generator).contiguous(memory_format=self.memory_format)
+                      for view in (self.view1, self.view2))
+            yield (x1, x2), self.labels[batch]
+
+
+class TensorEvalLoader:
+    """Clean, normalised batches of in-memory uint8 images, in order: eval_transform on tensors."""
+
+    def __init__(self, images, labels, image_size, mean, std, device, batch_size=512):
+        self.images, self.labels, self.image_size, self.batch_size = images, labels, image_size, batch_size
+        self.mean = torch.tensor(mean, device=device)[:, None, None]
+        self.std = torch.tensor(std, device=device)[:, None, None]
+
+    def __len__(self):
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.images), self.batch_size):
+            x = self.images[start:start + self.batch_size].float() / 255                 # (B, 3, H, W)
+            num, _, height, width = x.shape
+            size = self.image_size
+            if (height, width) != (size, size):  # T.Resize(size) (shorter side) then T.CenterCrop(size)
+                wide = height <= width
+                out_h, out_w = (size, int(size * width / height)) if wide else (int(size * height / width), size)
+                whole = lambda length: torch.full((num,), length, device=x.device)  # noqa: E731
+                x = resized_crop(x, whole(0), whole(0), whole(height), whole(width), (out_h, out_w))
+                top, left = int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
+                x = x[:, :, top:top + size, left:left + size]
+            yield (x - self.mean) / self.std, self.labels[start:start + self.batch_size]
+
+
+def folder_arrays(data_dir, split):
+    """A folder split decoded once into uint8 (N, H, W, 3), cached as an .npz beside the data (or in
+    ~/.cache when the data is read-only) and reused while its files are unchanged. Returns
+    (images, labels, classes), or a string saying why it stays on disk."""
+    dataset = image_folder(data_dir, split, None)
+    stats = [(path, os.stat(path)) for path, _ in dataset.samples]
+    fingerprint = hashlib.sha1("\n".join(f"{path} {st.st_size} {st.st_mtime_ns}" for path,
+                                         st in stats).encode()).hexdigest()
+    name = f"{os.path.basename(dataset.root)}-uint8-{fingerprint[:16]}.npz"
+    beside = os.path.join(os.path.dirname(os.path.abspath(dataset.root)), ".cache")
+    elsewhere = os.path.join(os.path.expanduser("~/.cache/ssl-spectrum"),
+                             hashlib.sha1(os.path.abspath(dataset.root).encode()).hexdigest()[:16])
+    for folder in (beside, elsewhere):
+        if os.path.isfile(os.path.join(folder, name)):
+            with np.load(os.path.join(folder, name)) as cached:
+                return cached["images"], cached["labels"], dataset.classes
+    with Image.open(dataset.samples[0][0]) as first:
+        width, height = first.size
+    if len(stats) * height * width * 3 > MEMORY_LIMIT_BYTES:
+        return f"{dataset.root} would take more than {MEMORY_LIMIT_BYTES / 2**30:.0f} GiB as uint8"
+    images = np.empty((len(stats), height, width, 3), dtype=np.uint8)
+    print(f"decoding {len(stats)} images of {dataset.root} once into memory...", flush=True)
+    for index, (path, _) in enumerate(dataset.samples):
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                return f"{path} is {image.size[0]}x{image.size[1]}, not {width}x{height} like the first image"
+            images[index] = np.asarray(image.convert("RGB"))
+    labels = np.array(dataset.targets, dtype=np.int64)
+    for folder in (beside, elsewhere):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, images=images, labels=labels)
+            os.replace(tmp, os.path.join(folder, name))
+            print(f"cached as {os.path.join(folder, name)}")
+            break
+        except OSError:
+            continue
+    return images, labels, dataset.classes
+
+
+def split_arrays(source, split):
+    """One split of common.dataset_source(...) as (uint8 images (N, H, W, 3), labels, classes), or a
+    string saying why it cannot be held in memory."""
+    if source.name == "folder":
+        return folder_arrays(source.data_dir, "test" if split == "test" else "train")
+    dataset = source.make(split, None)
+    if source.name == "synthetic":
+        return dataset.images, dataset.labels, dataset.classes
+    if source.name == "stl10":  # stored (N, 3, H, W); the unlabelled images have label -1
+        return dataset.data.transpose(0, 2, 3, 1), np.asarray(dataset.labels, dtype=np.int64), dataset.classes
+    return dataset.data, np.asarray(dataset.targets, dtype=np.int64), dataset.classes
+
+
+def build_data(source, pipeline, augmentations, batch_size, device):
+    """common.Data with the tensor pipeline's loaders, or None when the dataset does not fit in
+    memory and pipeline is 'auto' (the caller then uses the PIL pipeline)."""
+    splits = {}
+    for split in ("train", "test", "pretrain"):  # pretrain is the train split, except STL-10's (train + unlabeled)
+        same = split == "pretrain" and source.name != "stl10"
+        splits[split] = splits["train"] if same else split_arrays(source, split)
+        if isinstance(splits[split], str) and pipeline == "tensor":
+            die(f"--pipeline tensor needs the dataset in memory, but {splits[split]}; use --pipeline pil")
+        if isinstance(splits[split], str):
+            print(f"--pipeline auto: {splits[split]}; using the PIL pipeline")
+            return None
+    if len(splits["pretrain"][0]) < batch_size:
+        die(f"--batch-size {batch_size} is larger than the {len(splits['pretrain'][0])} training images")
+    moved = {}  # one device copy per distinct array: pretrain and train are usually the same images
+    for images, labels, _ in splits.values():
+        if id(images) not in moved:
+            moved[id(images)] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
+                                 torch.as_tensor(labels))
+    on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
+    size, mean, std = source.image_size, source.mean, source.std
+    view1, view2 = (BatchedView(size, mean, std, **view) for view in recipe_settings(augmentations, size))
+    train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device)
+    eval_loader = lambda split: TensorEvalLoader(*on_device[split], size, mean, std, device)  # noqa: E731
+    megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
+    print(
+        f"data: tensor pipeline, {len(train_loader.images)} training images as uint8 on {device} ({megabytes:.0f} MB)"
+    )
+    return Data(train_loader, eval_loader("train"), eval_loader("test"), len(splits["train"][2]), size, mean, std,
+                "tensor")
