@@ -22,6 +22,8 @@ from unittest import mock
 
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 import byol
 import intl
@@ -56,7 +58,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="speed: torch.compile the backbones, as the method flag")
     parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
                         help="speed: DataLoader workers of the PIL pipeline (default: %(default)s)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("data", "step", "end_to_end", "pil"),
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="speed: the device's peak TFLOP/s at --precision, for the share-of-peak column")
+    parser.add_argument("--profile", action="store_true", help="speed: print where a step's time goes (torch.profiler)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("data", "step", "end_to_end", "pil", "flops"),
                         help="speed: measurements to leave out")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     parser.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json)")
@@ -198,6 +203,23 @@ def time_loader(loader, warmup, steps, device):
     return (time.perf_counter() - start) / steps
 
 
+def step_flops(module, margs, data):
+    """Floating-point operations of one training step of the method's main() (forward, backward and
+    optimiser, as torch's FlopCounterMode counts them: matmuls and convolutions, 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        time_main(module, margs, data, 0, 1, ready=True)
+    return counter.get_total_flops()
+
+
+def profile_summary(module, margs, data, steps, device, rows=8):
+    """The ops that take most of a step's time over `steps` ready-batch steps, from torch.profiler."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        time_main(module, margs, data, 0, steps, ready=True)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def bench_speed(args):
     device = torch.device(args.device)
     results = {**hardware(device), "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
@@ -219,6 +241,15 @@ def bench_speed(args):
                 pil_args = method_args(module, args, run_dir, "pil")
                 warmup = max(args.warmup, 4 * max(1, args.num_workers))
                 row["pil"] = images_per_s(time_loader(build_data(pil_args).train_loader, warmup, args.steps, device))
+            if "flops" not in args.skip:  # achieved TFLOP/s from the end-to-end (else the step's) rate
+                row["tflop_per_step"] = step_flops(module, margs, data) / 1e12
+                rate = row.get("end_to_end", row.get("step"))
+                if rate:
+                    row["tflops"] = row["tflop_per_step"] * rate / args.batch_size
+                    if args.peak_tflops:
+                        row["share_of_peak"] = row["tflops"] / args.peak_tflops
+            if args.profile:
+                row["profile"] = profile_summary(module, margs, data, args.steps, device)
             if device.type == "cpu" and "data" in row and "pil" in row:  # the target: tensor >= 3x PIL per core
                 row["data_per_core"] = row["data"] / torch.get_num_threads()
                 row["pil_per_core"] = row["pil"] / max(1, args.num_workers)
@@ -233,13 +264,17 @@ def print_speed(results):
           f"on {where} (commit {results['commit']})")
     print(f"images/s (each image two views); PIL pipeline with {results['num_workers']} DataLoader workers")
     print("| method | recipe | (a) tensor pipeline | (b) training step | (c) end to end | (d) PIL pipeline | "
-          "epoch of 50k images, end to end |")
-    print("|---|---|---|---|---|---|---|")
+          "epoch of 50k images, end to end | TFLOP per step | TFLOP/s | share of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, row in results["methods"].items():
-        cell = lambda key: f"{row[key]:,.0f}" if key in row else "—"  # noqa: E731
+        cell = lambda key, form="{:,.0f}": form.format(row[key]) if key in row else "—"  # noqa: E731
         epoch = f"{50000 / row['end_to_end']:.1f} s" if "end_to_end" in row else "—"
         print(f"| {name} | {row['augmentations']} | {cell('data')} | {cell('step')} | {cell('end_to_end')} | "
-              f"{cell('pil')} | {epoch} |")
+              f"{cell('pil')} | {epoch} | {cell('tflop_per_step', '{:.3f}')} | {cell('tflops', '{:.2f}')} | "
+              f"{cell('share_of_peak', '{:.0%}')} |")
+    for name, row in results["methods"].items():
+        if "profile" in row:
+            print(f"\nwhere a step of {name} spends its time (torch.profiler, self time):\n{row['profile']}")
     per_core = {name: row for name, row in results["methods"].items() if "data_per_core" in row}
     if per_core:
         ratios = [f"{name} {row['data_per_core']:,.0f} vs {row['pil_per_core']:,.0f} = "

@@ -1569,7 +1569,7 @@ def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, m
     monkeypatch.chdir(tmp_path)
     args = bench.parse_args(["speed", "--methods", "byol", "--arch", "convnet", "--synthetic-size", "300",
                              "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device",
-                             "cpu"])
+                             "cpu", "--skip", "flops"])
     assert args.precision == "fp32"  # auto on the CPU
     with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema, \
             mock.patch.object(byol, "build_optimizer", wraps=byol.build_optimizer) as optimizer:
@@ -1589,3 +1589,58 @@ def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, m
     assert list(ready) == ["first"] * 4 and len(ready.times) == 5  # one batch repeated: no data cost
     fed = bench.TimedLoader(TwoBatches(["first", "second"]), 1, 3, torch.device("cpu"))
     assert list(fed) == ["first", "second"] * 2  # a short epoch: the next one starts
+
+
+def test_bench_counts_the_flops_of_a_step_and_their_rate(tmp_path, monkeypatch):
+    """SimCLR with the convnet: its four 3x3 convs cost F = 2 x (3*32*32^2 + 32*64*16^2 + 64*128*8^2 +
+    128*256*4^2) x 9 = 30,081,024 FLOP per view forward; a step is at least 2 views x B x (3F - the first
+    conv's forward, whose input needs no gradient); the count doubles with the batch."""
+    import bench
+    monkeypatch.chdir(tmp_path)
+    flops = {}
+    for batch in ("32", "64"):
+        args = bench.parse_args(["speed", "--methods", "simclr", "--arch", "convnet", "--synthetic-size", "300",
+                                 "--batch-size", batch, "--steps", "1", "--warmup", "0", "--num-workers", "0",
+                                 "--device", "cpu", "--skip", "data", "pil", "--peak-tflops", "2.0"])
+        row = bench.bench_speed(args)["methods"]["simclr"]
+        flops[int(batch)] = row["tflop_per_step"] * 1e12
+        assert row["tflops"] == pytest.approx(row["tflop_per_step"] * row["end_to_end"] / int(batch))
+        assert row["share_of_peak"] == pytest.approx(row["tflops"] / 2.0)
+    conv_forward, first_conv = 30_081_024, 2 * 3 * 32 * 32 * 32 * 9
+    assert flops[64] >= 2 * 64 * (3 * conv_forward - first_conv)
+    assert flops[64] < 1.2 * 2 * 64 * (3 * conv_forward - first_conv)     # the heads and the loss are small
+    assert flops[64] / flops[32] == pytest.approx(2.0, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py: the results table
+# ----------------------------------------------------------------------------------------------
+def test_reproduce_trains_each_run_and_writes_one_table(tmp_path):
+    result = run_script("reproduce.py", "--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "64",
+                        "--epochs", "2", "--methods", "intl", "simclr", "--device", "cpu", "--out", "rep",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(tmp_path / "rep" / "results.json"))
+    assert [r["name"] for r in results["runs"]] == ["intl-s0", "simclr-s0"] and results["failed"] == []
+    for row in results["runs"]:
+        evals = [json.loads(line) for line in open(tmp_path / "rep" / "runs" / row["name"] / "metrics.jsonl")]
+        evals = [r for r in evals if r["type"] == "eval" and r["epoch"] > 0]
+        assert row["knn_best"] == max(r["knn_top1"] for r in evals) and row["knn_last"] == evals[-1]["knn_top1"]
+        assert row["online_last"] == evals[-1]["online_top1"] and (row["epochs"], row["batch"]) == (2, 64)
+    table = open(tmp_path / "rep" / "results.md").read()
+    assert table.count("| intl-s0 | 2 | 64 |") == 1 and table.rstrip().endswith("| — |")  # no reference: a dash
+    again = run_script("reproduce.py", "--dataset", "synthetic", "--epochs", "2", "--out", "rep", cwd=tmp_path)
+    assert again.returncode == 2 and "nothing is overwritten" in again.stderr   # an earlier table is kept
+
+
+def test_reproduce_puts_the_published_number_beside_ours_only_at_the_same_budget():
+    import reproduce
+    row = dict(name="byol-s0", method="byol", epochs=200, batch=512, seconds=300.0, images_per_s=9000.0,
+               knn_best=85.2, knn_last=85.0, online_last=80.1, knn5_euclidean_last=84.0, linear_last=86.0)
+    line = reproduce.table([row]).splitlines()[-1]
+    assert "| 85.2 / 85.0 | 80.1 | 86.0 | 86.8 (weighted kNN, best epoch; ours 85.2) — lightly" in line
+    assert reproduce.table([{**row, "batch": 256}]).splitlines()[-1].endswith("| — |")      # another budget
+    line = reproduce.table([{**row, "method": "intl", "epochs": 1000, "batch": 256}]).splitlines()[-1]
+    assert "90.03 (INTL 5-NN (Euclidean); ours 84.0)" in line
+    name, argv = reproduce.run_command("byol --ortho so", 3, reproduce.parse_args(["--epochs", "5", "--out", "x"]))
+    assert name == "byol-ortho-so-s3" and argv[-2:] == ["--ortho", "so"] and "--seed" in argv
