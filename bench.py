@@ -166,7 +166,7 @@ def method_args(module, args, run_dir, pipeline):
                               str(args.batch_size), "--epochs", "1", "--precision", args.precision, "--device",
                               args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
                               "--log-every", "1000000", "--out-dir", run_dir, "--run-name",
-                              module.METHOD] + (["--compile"] if args.compile else []))
+                              f"{module.METHOD}-{pipeline}"] + (["--compile"] if args.compile else []))
 
 
 def time_main(module, margs, data, warmup, steps, ready):

@@ -723,22 +723,16 @@ def torchvision_split(name, data_dir, split, transform):
             f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
 
 
-class DecodeCheck(torch.utils.data.Dataset):
-    """index -> "" when PIL decodes the image at paths[index] in full, else that path (for image_folder)."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
+def unreadable(paths):
+    """Those of paths that PIL cannot decode in full: truncated, not an image, unreadable."""
+    bad = []
+    for path in paths:
         try:
-            with Image.open(self.paths[index]) as image:
+            with Image.open(path) as image:
                 image.convert("RGB")
-            return ""
-        except OSError:  # truncated, not an image (PIL's UnidentifiedImageError), unreadable
-            return self.paths[index]
+        except OSError:  # PIL's UnidentifiedImageError is one
+            bad.append(path)
+    return bad
 
 
 UNREADABLE = {}  # (folder, number of images) -> its unreadable images: each folder is decoded once per process
@@ -750,9 +744,9 @@ def drop_unreadable(dataset, skip_bad):
     key = (dataset.root, len(dataset.samples))
     if key not in UNREADABLE:
         workers = min(8, os.cpu_count() or 1) if len(dataset) > 2000 else 0
-        loader = torch.utils.data.DataLoader(DecodeCheck([path for path, _ in dataset.samples]), batch_size=64,
-                                             num_workers=workers, collate_fn=list)
-        UNREADABLE[key] = [path for batch in loader for path in batch if path]
+        paths = torch.utils.data.DataLoader([path for path, _ in dataset.samples], batch_size=64,
+                                            num_workers=workers, collate_fn=unreadable)  # decoded in the workers
+        UNREADABLE[key] = [path for bad in paths for path in bad]
         if UNREADABLE[key] and skip_bad:
             print(f"skipped: {bad_images_message(UNREADABLE[key], dataset.root).split('; ')[0]}", flush=True)
     if UNREADABLE[key] and not skip_bad:
@@ -1029,7 +1023,7 @@ class RunLogger:
         }
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
-                f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")
+                f"Lower --base-lr or use --precision fp32; the last checkpoint is kept", code=1)
         elapsed = time.perf_counter() - self.window_start
         images_per_s = self.window_steps * self.batch_size / elapsed
         eta = (self.total_steps - global_step) * elapsed / self.window_steps
@@ -1103,7 +1097,10 @@ def epoch_batches(train_loader, seed, epoch, global_step):
     which the PIL pipeline without workers draws from, is put back as the checkpoint left it): resuming
     costs the data loading of the steps done, not their training, and continues exactly."""
     set_data_epoch(train_loader, seed, epoch)
-    batches, done = iter(train_loader), min(max(0, global_step - epoch * len(train_loader)), len(train_loader))
+    done = max(0, global_step - epoch * len(train_loader))
+    if done >= len(train_loader):  # stopped after the epoch's last step: only its evaluation is left
+        return iter(())
+    batches = iter(train_loader)
     if done:
         states = rng_states()
         for _ in itertools.islice(batches, done):
@@ -1123,10 +1120,11 @@ def resume_hint(run):
 
 @contextlib.contextmanager
 def stop_safely(run):
-    """Around the training loop. The first SIGINT (Ctrl-C) or SIGTERM (what a scheduler sends before it
-    preempts a job) lets the current step finish; stop_if_signalled then writes a checkpoint at that step and
-    exits 130 or 143. A second one stops at once (the last checkpoint is kept). Any other error (out of
-    memory, a data file gone) ends in one line with what to do; the full traceback goes to traceback.txt."""
+    """Around the training and the evaluation before it. The first SIGINT (Ctrl-C) or SIGTERM (what a
+    scheduler sends before it preempts a job) lets the current step finish; stop_if_signalled then writes a
+    checkpoint at that step and exits 130 or 143. A second one stops at once (the last checkpoint is kept).
+    Any other error (out of memory, a data file gone) ends in one line with what to do; the full traceback
+    goes to run_dir/traceback.txt."""
     def on_signal(signum, frame):
         SIGNALLED.append(signum)
         name = signal.Signals(signum).name

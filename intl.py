@@ -151,10 +151,10 @@ def main(args):
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
-    if global_step == 0:                                                # the untrained backbone, logged as epoch 0
-        log.evaluation(-1, 0, evaluate(model, data, device))
 
     with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
+        if global_step == 0:                                            # the untrained backbone, logged as epoch 0
+            log.evaluation(-1, 0, evaluate(model, data, device))
         for epoch in range(start_epoch, args.epochs):
             model.train()
             for (x1, x2), labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too

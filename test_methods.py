@@ -1665,7 +1665,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
     args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
                            augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor")
+                           pipeline="tensor", skip_bad_images=False)
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
@@ -1688,7 +1688,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
     args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
                            augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor")
+                           pipeline="tensor", skip_bad_images=False)
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)
