@@ -29,8 +29,8 @@ import byol
 import intl
 import simclr
 import vicreg
-from common import OrthogonalityRegularizer, autocast, build_backbone, build_data, build_optimizer, optimizer_step, \
-    positive_int, projection_mlp, resolve_device, resolve_precision
+from common import Bounded, OrthogonalityRegularizer, autocast, build_backbone, build_data, build_optimizer, \
+    optimizer_step, parse_or_die, positive_int, projection_mlp, resolve_device, resolve_precision
 from simclr import nt_xent_loss
 
 METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
@@ -51,12 +51,12 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=positive_int, default=32, help="ortho: crop size (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=5,
                         help="timed steps per measurement (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=2,
+    parser.add_argument("--warmup", type=Bounded(int, ge=0), default=2,
                         help="untimed steps first; --compile needs more (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="speed: torch.compile the backbones, as the method flag")
-    parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
+    parser.add_argument("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
                         help="speed: DataLoader workers of the PIL pipeline (default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="speed: the device's peak TFLOP/s at --precision, for the share-of-peak column")
@@ -65,7 +65,7 @@ def parse_args(argv=None):
                         help="speed: measurements to leave out")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     parser.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json)")
-    args = parser.parse_args(argv)
+    args = parse_or_die(parser, argv)
     args.device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, args.device)
     args.out = args.out or f"bench_{args.what}.json"
@@ -171,7 +171,7 @@ def method_args(module, args, run_dir, pipeline):
                               str(args.batch_size), "--epochs", "1", "--precision", args.precision, "--device",
                               args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
                               "--log-every", "1000000", "--out-dir", run_dir, "--run-name",
-                              module.METHOD] + (["--compile"] if args.compile else []))
+                              f"{module.METHOD}-{pipeline}"] + (["--compile"] if args.compile else []))
 
 
 def time_main(module, margs, data, warmup, steps, ready):

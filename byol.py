@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from common import (
-    OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
-    build_data, build_optimizer, end_of_epoch, evaluate, online_probe_loss, optimizer_step, parse_run_args,
-    positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_data_epoch, set_lr,
-    warmup_cosine,
+    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
+    build_data, build_optimizer, end_of_epoch, epoch_batches, evaluate, online_probe_loss, optimizer_step,
+    parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_lr,
+    stop_if_signalled, stop_safely, warmup_cosine,
 )
 
 METHOD = "byol"
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     add_recipe_args(parser, epochs=1000, batch_size=256, optimizer="lars", base_lr=1.0, weight_decay=1e-5,
                     warmup_epochs=10, final_lr_ratio=0.0, augmentations="asymmetric",
                     probe_lr=0.1)
-    parser.add_argument("--tau-base", type=float, default=0.99,
+    parser.add_argument("--tau-base", type=Bounded(float, ge=0, le=1), default=0.99,
                         help="EMA rate of the target at step 0; it rises to 1 on a cosine (default: %(default)s)")
     parser.add_argument("--proj-hidden-dim", type=positive_int, default=4096,
                         help="projector hidden width (default: %(default)s)")
@@ -106,45 +106,47 @@ def main(args):
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
-    if start_epoch == 0:                                                # the untrained backbone, logged as epoch 0
-        log.evaluation(-1, 0, evaluate(model, data, device))
 
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        set_data_epoch(data.train_loader, args.seed, epoch)
-        for (x1, x2), labels in data.train_loader:
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
-            labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
-            lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
-                                                 peak_lr * args.final_lr_ratio))
-            # ALGO LOGIC: training step
-            with autocast(device, args.precision):
-                h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
-                z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
-                p1, p2 = model["predictor"](z1), model["predictor"](z2)      # (B, proj_dim) predictions
-                with torch.no_grad():                                         # the target gets no gradient
-                    target_z1 = target["projector"](target["backbone"](x1))   # (B, proj_dim)
-                    target_z2 = target["projector"](target["backbone"](x2))
-            # symmetrised: each view's prediction regresses the other view's target, the two averaged,
-            # range [0, 4], as in the run behind 92.58% (solo-learn fca55e3 solo/methods/byol.py; it sums since 365f2aa)
-            ssl_loss = (byol_loss(p1.float(), target_z2.float()) + byol_loss(p2.float(), target_z1.float())) / 2
-            tau = target_tau(global_step, total_steps, args.tau_base)
-            terms = {"loss": ssl_loss, "tau": tau}                           # logged every --log-every steps
+    with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
+        if global_step == 0:                                            # the untrained backbone, logged as epoch 0
+            log.evaluation(-1, 0, evaluate(model, data, device))
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            for (x1, x2), labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too
+                x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
+                labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
+                lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
+                                                     peak_lr * args.final_lr_ratio))
+                # ALGO LOGIC: training step
+                with autocast(device, args.precision):
+                    h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
+                    z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
+                    p1, p2 = model["predictor"](z1), model["predictor"](z2)      # (B, proj_dim) predictions
+                    with torch.no_grad():                                         # the target gets no gradient
+                        target_z1 = target["projector"](target["backbone"](x1))   # (B, proj_dim)
+                        target_z2 = target["projector"](target["backbone"](x2))
+                # symmetrised: each view's prediction regresses the other view's target, the two averaged,
+                # range [0, 4], as in the run behind 92.58% (solo-learn fca55e3 solo/methods/byol.py;
+                # it sums since 365f2aa)
+                ssl_loss = (byol_loss(p1.float(), target_z2.float()) + byol_loss(p2.float(), target_z1.float())) / 2
+                tau = target_tau(global_step, total_steps, args.tau_base)
+                terms = {"loss": ssl_loss, "tau": tau}                           # logged every --log-every steps
 
-            # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
-            probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
-            penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
-            loss = ssl_loss + args.ortho_weight * penalty + probe_loss
-            terms["probe"] = probe_loss
-            if args.ortho != "none":
-                terms["ortho"] = penalty
-            optimizer_step(loss, optimizer, scaler)
-            global_step += 1
-            log.train_step(epoch, global_step, terms, lr)
-            # ALGO LOGIC: after each optimiser step the target moves towards the online network
-            ema_update(target, online, tau)
-        # TRY NOT TO MODIFY: checkpoint.pt every epoch, kNN every --eval-every, backbone.pt + linear probe at the end
-        end_of_epoch(run, epoch, global_step)
+                # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
+                probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
+                penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
+                loss = ssl_loss + args.ortho_weight * penalty + probe_loss
+                terms["probe"] = probe_loss
+                if args.ortho != "none":
+                    terms["ortho"] = penalty
+                optimizer_step(loss, optimizer, scaler)
+                global_step += 1
+                log.train_step(epoch, global_step, terms, lr)
+                # ALGO LOGIC: after each optimiser step the target moves towards the online network
+                ema_update(target, online, tau)
+                # TRY NOT TO MODIFY: SIGINT/SIGTERM stop after a whole step; checkpoint.pt every epoch, backbone.pt last
+                stop_if_signalled(run, epoch, global_step)                   # a checkpoint at this step, exit 130/143
+            end_of_epoch(run, epoch, global_step)                            # kNN every --eval-every, linear probe last
 
 
 if __name__ == "__main__":

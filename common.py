@@ -5,13 +5,17 @@
 # ImageFolder tree or torchvision's datasets. Two optional modules beside it add speed and an
 # offline data set: tensor_pipeline.py (batched augmentation on the GPU) and synthetic.py.
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
+import signal
 import sys
 import time
+import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -457,21 +461,47 @@ def evaluate(model, data, device, linear=False):
 
 # ---- Flags ---------------------------------------------------------------------------------------
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
-RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every")
+RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every", "skip_bad_images")
 
 
-def die(message):
-    """End a command-line run with one readable line and exit code 2 (bad input, missing data)."""
+def die(message, code=2):
+    """End a run with one readable line: exit code 2 for bad input (flags, data, run folder), 1 for a
+    failure while running (a write that fails, out of memory)."""
     print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1, so that a 0 ends in a usage line rather than a traceback."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
+class Bounded:
+    """argparse type: a number of `kind` (int or float) within bounds, e.g. Bounded(float, gt=0) for > 0,
+    Bounded(int, ge=1), Bounded(float, ge=0, le=1). Every numeric flag has one (a test checks), so any
+    value out of range ends the parse in one line that names the valid range, exit code 2."""
+
+    def __init__(self, kind, gt=None, ge=None, le=None):
+        self.kind, self.gt, self.ge, self.le = kind, gt, ge, le
+        bounds = [f"{op} {v}" for op, v in ((">", gt), (">=", ge), ("<=", le)) if v is not None]
+        self.valid = ("an integer " if kind is int else "a number ") + " and ".join(bounds)
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or (self.gt is not None and value <= self.gt) or \
+                (self.ge is not None and value < self.ge) or (self.le is not None and value > self.le):
+            raise argparse.ArgumentTypeError(f"expected {self.valid}, got {text}")
+        return value
+
+    def __repr__(self):
+        return self.valid
+
+
+positive_int = Bounded(int, ge=1)
+
+
+def parse_or_die(parser, argv):
+    """parser.parse_args(argv), with any error (unknown flag, bad choice, value out of range) as one line, exit 2."""
+    parser.error = lambda message: die(f"{message} (see --help)")
+    return parser.parse_args(argv)
 
 
 def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_decay, warmup_epochs,
@@ -480,21 +510,23 @@ def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_de
     method file calls this with its real values, so the recipe reads at a glance."""
     add = parser.add_argument_group("recipe (defaults: this method's reference configuration)").add_argument
     add("--epochs", type=positive_int, default=epochs, help="pretraining epochs (default: %(default)s)")
-    add("--batch-size", type=positive_int, default=batch_size,
-        help="images per step, two views each (default: %(default)s)")
+    add("--batch-size", type=Bounded(int, ge=2), default=batch_size,
+        help="images per step, two views each; at least 2, which BatchNorm and the losses compare "
+             "(default: %(default)s)")
     add("--optimizer", choices=("lars", "sgd"), default=optimizer,
         help="lars: biases and norms excluded from weight decay and trust scaling; sgd: momentum 0.9, decay on "
              "every parameter (default: %(default)s)")
-    add("--base-lr", type=float, default=base_lr,
+    add("--base-lr", type=Bounded(float, gt=0), default=base_lr,
         help="lr at batch 256; peak lr = base-lr x batch / 256 (default: %(default)s)")
-    add("--weight-decay", type=float, default=weight_decay, help="L2 weight decay (default: %(default)s)")
-    add("--warmup-epochs", type=int, default=warmup_epochs,
+    add("--weight-decay", type=Bounded(float, ge=0), default=weight_decay,
+        help="L2 weight decay (default: %(default)s)")
+    add("--warmup-epochs", type=Bounded(int, ge=0), default=warmup_epochs,
         help="linear warm-up, then a cosine, per step (default: %(default)s, at most a tenth of --epochs unless given)")
-    add("--final-lr-ratio", type=float, default=final_lr_ratio,
+    add("--final-lr-ratio", type=Bounded(float, ge=0, le=1), default=final_lr_ratio,
         help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
     add("--augmentations", choices=AUGMENTATIONS, default=augmentations,
         help="named two-view recipe of the published configs, see README (default: %(default)s)")
-    add("--probe-lr", type=float, default=probe_lr,
+    add("--probe-lr", type=Bounded(float, gt=0), default=probe_lr,
         help="peak lr of the online linear probe, not scaled by the batch, no weight decay (default: %(default)s)")
 
 
@@ -506,15 +538,17 @@ def add_common_args(parser):
         help="cifar10/cifar100/stl10 download into --data-dir; folder reads DATA_DIR/train and DATA_DIR/test (or "
              "val) as ImageFolders; synthetic is generated offline (default: %(default)s)")
     add("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
-    add("--synthetic-size", type=positive_int, default=5000,
+    add("--synthetic-size", type=Bounded(int, ge=10), default=5000,
         help="training images of --dataset synthetic; the test set is a fifth (default: %(default)s)")
-    add("--image-size", type=positive_int, default=None,
+    add("--image-size", type=Bounded(int, ge=8), default=None,
         help="crop size (default: the dataset's: 32 CIFAR, 96 STL-10, a folder's first image)")
     add("--pipeline", choices=("auto", "tensor", "pil"), default="auto",
         help="tensor: uint8 images in memory on the training device, augmented in batches (tensor_pipeline.py); "
              "pil: torchvision transforms in DataLoader workers; auto: tensor when it fits (default: %(default)s)")
-    add("--num-workers", type=int, default=min(8, torch.get_num_threads()),
+    add("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
         help="data loading processes of the pil pipeline (default: %(default)s, the CPU threads up to 8)")
+    add("--skip-bad-images", action="store_true",
+        help="train without the unreadable images of a --dataset folder (default: stop and list them)")
     add = parser.add_argument_group("run").add_argument
     add("--arch", choices=ARCHS, default="resnet18",
         help="backbone; convnet is a 4-layer net for quick CPU checks only (default: %(default)s)")
@@ -522,20 +556,21 @@ def add_common_args(parser):
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s: bf16 on a GPU, else fp32)")
     add("--compile", action="store_true", help="torch.compile the backbone (slow start, faster steps on a GPU)")
-    add("--seed", type=int, default=0, help="seeds python, numpy, torch and the data order (default: %(default)s)")
+    add("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0,
+        help="seeds python, numpy, torch and the data order (default: %(default)s)")
     add("--eval-every", type=positive_int, default=None,
         help="kNN every N epochs and at the end (default: a tenth of --epochs)")
     add("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
     add("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
     add("--run-name", default=None, help="run folder name (default: method-dataset-arch-seed-time)")
     add("--resume", default=None, metavar="PATH",
-        help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, --data-dir "
-             "and --log-every may change)")
+        help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, --data-dir, "
+             "--log-every and --skip-bad-images may change)")
     add = parser.add_argument_group("orthogonality regularization (He, Du, Ma, NeurIPS 2024)").add_argument
     add("--ortho", choices=ORTHO_KINDS, default="none",
         help="penalty on the backbone's conv and linear weights: so = soft orthogonality, srip = spectral norm of "
              "W^T W - I (default: %(default)s)")
-    add("--ortho-weight", type=float, default=None,
+    add("--ortho-weight", type=Bounded(float, ge=0), default=None,
         help="weight of the --ortho penalty (default: 1e-6 for so, 1e-3 for srip, the paper's ResNet values)")
     add("--ortho-heads", action="store_true", help="regularise the projector and predictor too, not only the backbone")
 
@@ -552,7 +587,7 @@ def parse_run_args(parser, argv, method, offline_check):
     """
     parser.epilog = ("--dataset synthetic (the offline check) changes these defaults: "
                      + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in offline_check.items()))
-    args = parser.parse_args(argv)
+    args = parse_or_die(parser, argv)
     if args.dataset == "synthetic":  # parsed again with the offline check's defaults
         parser.set_defaults(**offline_check)
         args = parser.parse_args(argv)
@@ -560,14 +595,14 @@ def parse_run_args(parser, argv, method, offline_check):
         typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
         refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))
         if refused:
-            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, "
-                f"--data-dir and --log-every may change, not {', '.join(refused)}")
+            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, --data-dir, "
+                f"--log-every and --skip-bad-images may change, not {', '.join(refused)}")
         stored = load_checkpoint(args.resume)
         if stored.get("method") != method or "args" not in stored:
             die(f"{args.resume} is not a {method}.py training checkpoint "
                 f"(written by {stored.get('method', 'something else')}); resume it with that script")
         older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False,  # runs saved before these flags existed
-                 "pipeline": "pil", "compile": False, "stem_padding": 1}
+                 "pipeline": "pil", "compile": False, "stem_padding": 1, "skip_bad_images": False}
         args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
     else:
         if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
@@ -577,9 +612,10 @@ def parse_run_args(parser, argv, method, offline_check):
             die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
         if args.ortho_weight is None:
             args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
-        if args.ortho_weight < 0:
-            die(f"--ortho-weight must be >= 0 (a penalty), got {args.ortho_weight:g}")
         args.method, args.stem_padding = method, 2  # stored: runs saved before the 34 px stem used 1
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.run_name = args.run_name or f"{method}-{args.dataset}-{args.arch}-s{args.seed}-{stamp}"
+        check_new_run_folder(args.out_dir, args.run_name, method)
     args.device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -590,12 +626,37 @@ def parse_run_args(parser, argv, method, offline_check):
     return args
 
 
+def check_new_run_folder(out_dir, run_name, method):
+    """A new run never writes into a folder that holds files: an earlier run's checkpoint is resumed or
+    kept, never overwritten."""
+    run_dir = os.path.join(out_dir, run_name)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        die(f"--out-dir {out_dir} is a file; name a folder (it is created if missing)")
+    if os.path.basename(run_name) != run_name or run_name in (".", ".."):
+        die(f"--run-name {run_name} must be a plain folder name; put the parent folder in --out-dir")
+    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        die(f"{run_dir} holds a run already; continue it with `python {method}.py --resume "
+            f"{os.path.join(run_dir, 'checkpoint.pt')}`, or start over under another --run-name (or delete {run_dir})")
+    if os.path.exists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
+        die(f"{run_dir} exists and is not an empty folder; choose another --run-name (or delete {run_dir})")
+
+
 def resolve_device(name):
-    """'auto' -> cuda when torch sees a GPU, else cpu; a GPU asked for but absent is an error."""
+    """'auto' -> cuda when torch sees a GPU, else cpu; cpu, cuda, cuda:N or mps, else an error."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        die(f"--device {name} is not a device this code runs on; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {name} was asked for but torch sees no GPU; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        die(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {name} was asked for but torch sees no Apple GPU; use --device cpu")
     return name
 
 
@@ -619,6 +680,8 @@ def seed_worker(worker_id):
     worker_seed = torch.initial_seed() % 2**32
     random.seed(worker_seed)
     np.random.seed(worker_seed)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole process group: the main process
+        signal.signal(signum, signal.SIG_IGN)      # finishes its step and stops the workers itself
 
 
 def prepare_model(model, device, compile=False):
@@ -660,17 +723,68 @@ def torchvision_split(name, data_dir, split, transform):
             f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
 
 
-def image_folder(data_dir, split, transform):
-    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test."""
+def unreadable(paths):
+    """Those of paths that PIL cannot decode in full: truncated, not an image, unreadable."""
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+        except OSError:  # PIL's UnidentifiedImageError is one
+            bad.append(path)
+    return bad
+
+
+UNREADABLE = {}  # (folder, number of images) -> its unreadable images: each folder is decoded once per process
+
+
+def drop_unreadable(dataset, skip_bad):
+    """Decode every image of an ImageFolder once (in DataLoader workers for large folders). Unreadable ones
+    end the run in one line that counts and lists them, or with skip_bad are left out of the dataset."""
+    key = (dataset.root, len(dataset.samples))
+    if key not in UNREADABLE:
+        workers = min(8, os.cpu_count() or 1) if len(dataset) > 2000 else 0
+        paths = torch.utils.data.DataLoader([path for path, _ in dataset.samples], batch_size=64,
+                                            num_workers=workers, collate_fn=unreadable)  # decoded in the workers
+        UNREADABLE[key] = [path for bad in paths for path in bad]
+        if UNREADABLE[key] and skip_bad:
+            print(f"skipped: {bad_images_message(UNREADABLE[key], dataset.root).split('; ')[0]}", flush=True)
+    if UNREADABLE[key] and not skip_bad:
+        die(bad_images_message(UNREADABLE[key], dataset.root))
+    gone = set(UNREADABLE[key])
+    dataset.samples = dataset.imgs = [sample for sample in dataset.samples if sample[0] not in gone]
+    dataset.targets = [target for _, target in dataset.samples]
+    return dataset
+
+
+def bad_images_message(paths, root):
+    """One line: how many images of root are unreadable, the first three, and what to do."""
+    listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return (f"{len(paths)} unreadable image{'s' * (len(paths) > 1)} in {root}: {listed}; fix or delete "
+            f"{'them' if len(paths) > 1 else 'it'}, or pass --skip-bad-images to leave them out")
+
+
+def first_image_size(dataset):
+    """(width, height) of the first image of an ImageFolder whose header reads."""
+    for path, _ in dataset.samples:
+        with contextlib.suppress(OSError), Image.open(path) as image:
+            return image.size
+    die(f"no readable image in {dataset.root}")
+
+
+def image_folder(data_dir, split, transform, skip_bad=None):
+    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test. skip_bad None
+    lists the images only; True or False also decodes them all once (drop_unreadable)."""
     candidates = ["train"] if split != "test" else ["test", "val"]
     for sub in candidates:
         path = os.path.join(data_dir, sub)
         if os.path.isdir(path):
             try:
-                return torchvision.datasets.ImageFolder(path, transform=transform)
+                dataset = torchvision.datasets.ImageFolder(path, transform=transform)
             except (FileNotFoundError, RuntimeError) as exc:
                 die(f"{path} holds no images in class folders ({exc}); "
                     f"expected {path}/<class>/<image>.jpg")
+            return dataset if skip_bad is None else drop_unreadable(dataset, skip_bad)
     die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(candidates))}: "
         f"--dataset folder expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; "
         f"set --data-dir")
@@ -678,16 +792,14 @@ def image_folder(data_dir, split, transform):
 
 def folder_image_size(data_dir):
     """Shorter side of the first training image; images above 64 px are trained at 224."""
-    dataset = image_folder(data_dir, "train", None)
-    with Image.open(dataset.samples[0][0]) as image:
-        side = min(image.size)
+    side = min(first_image_size(image_folder(data_dir, "train", None)))
     return side if side <= 96 else 224
 
 
-def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000):
+def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip_bad_images=False):
     """How to get a dataset: a namespace with make(split, transform) -> a Dataset for split in
     pretrain/train/test, the normalisation mean and std, the crop size (image_size, else the
-    dataset's own), and name and data_dir (for tensor_pipeline.py)."""
+    dataset's own), and name, data_dir and skip_bad_images (for tensor_pipeline.py)."""
     if dataset == "synthetic":
         try:
             import synthetic
@@ -700,12 +812,13 @@ def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000):
     elif dataset == "folder":
         mean, std = NORMALIZATION["folder"]
         image_size = image_size or folder_image_size(data_dir)
-        make = lambda split, transform: image_folder(data_dir, split, transform)  # noqa: E731
+        make = lambda split, transform: image_folder(data_dir, split, transform, skip_bad_images)  # noqa: E731
     else:
         mean, std = NORMALIZATION[dataset]
         image_size = image_size or NATIVE_SIZE[dataset]
         make = lambda split, transform: torchvision_split(dataset, data_dir, split, transform)  # noqa: E731
-    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std, image_size=image_size)
+    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std, image_size=image_size,
+                           skip_bad_images=skip_bad_images)
 
 
 def loader_kwargs(num_workers, device):
@@ -735,7 +848,7 @@ def build_data(args):
     the tensor pipeline (tensor_pipeline.py: uint8 images on the training device, augmented in
     batches) when it is beside this file and the dataset fits in memory, else torchvision's PIL
     transforms in DataLoader workers (--pipeline). Reads args, changes nothing; returns Data."""
-    source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size)
+    source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size, args.skip_bad_images)
     if args.pipeline != "pil":
         try:
             import tensor_pipeline
@@ -778,22 +891,45 @@ def prepare_run_dir(args):
     """runs/<run_name>/ with args.json; a resumed run keeps writing into its own folder."""
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
-    name = args.run_name or f"{args.method}-{args.dataset}-{args.arch}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(args.out_dir, name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2)
+    run_dir = os.path.join(args.out_dir, args.run_name)  # parse_run_args checked that it holds no run
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        write_failed(run_dir, exc)
+    atomic_write(os.path.join(run_dir, "args.json"), "w",
+                 lambda f: json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2))
     return run_dir
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the old file intact."""
+def write_failed(path, exc):
+    """One line naming the path and the cause (disk full, no permission, read-only...), exit code 1."""
+    while exc is not None and not isinstance(exc, OSError):  # torch.save raises a RuntimeError from the OSError
+        exc = exc.__cause__ or exc.__context__
+    cause = exc.strerror or str(exc) if exc is not None else "the writer failed"
+    die(f"could not write {path}: {cause}; any earlier version of it is intact", code=1)
+
+
+def atomic_write(path, mode, write):
+    """write(f) into path.tmp, flushed to disk, then renamed over path: a crash or a failed write leaves the
+    earlier file intact and no temporary file; a failed write ends the run in one line (write_failed)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # also a second Ctrl-C in the middle of the write
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):
+            write_failed(path, exc)
+        raise
+
+
+def atomic_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def rng_states():
@@ -867,8 +1003,11 @@ class RunLogger:
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            write_failed(self.path, exc)
 
     def due(self, global_step):
         """Whether train_step(global_step) will log: every log_every steps and at the last step."""
@@ -884,7 +1023,7 @@ class RunLogger:
         }
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
-                f"Lower --base-lr or use --precision fp32; the last epoch's checkpoint is kept")
+                f"Lower --base-lr or use --precision fp32; the last checkpoint is kept", code=1)
         elapsed = time.perf_counter() - self.window_start
         images_per_s = self.window_steps * self.batch_size / elapsed
         eta = (self.total_steps - global_step) * elapsed / self.window_steps
@@ -941,5 +1080,92 @@ def end_of_epoch(run, epoch, global_step):
     if last:
         run.log.summary(results)
         print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
+    else:
+        stop_if_signalled(run, epoch + 1, global_step)  # a signal during the evaluation
     run.log.exclude(time.perf_counter() - started)
     return results
+
+
+# ---- Stopping cleanly: SIGINT, SIGTERM, and errors inside training -------------------------------
+SIGNALLED = []  # the signals received since stop_safely began, at most one before it stops
+
+
+def epoch_batches(train_loader, seed, epoch, global_step):
+    """The batches of `epoch` still to train: the loader reseeded for the epoch (set_data_epoch), less the
+    global_step - epoch x len(train_loader) a run resumed mid-epoch has trained already. Those are still
+    loaded and augmented, since the random draws of the batches after them follow theirs (the global RNG,
+    which the PIL pipeline without workers draws from, is put back as the checkpoint left it): resuming
+    costs the data loading of the steps done, not their training, and continues exactly."""
+    set_data_epoch(train_loader, seed, epoch)
+    done = max(0, global_step - epoch * len(train_loader))
+    if done >= len(train_loader):  # stopped after the epoch's last step: only its evaluation is left
+        return iter(())
+    batches = iter(train_loader)
+    if done:
+        states = rng_states()
+        for _ in itertools.islice(batches, done):
+            pass
+        set_rng_states(states)
+    return batches
+
+
+def resume_hint(run):
+    path = os.path.join(run.run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        return f"no checkpoint was written yet: delete {run.run_dir} and start again"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return (f"continue from the checkpoint (epoch {state['epoch']}, step {state['global_step']}) with "
+            f"`python {run.args.method}.py --resume {os.path.relpath(path)}`")
+
+
+@contextlib.contextmanager
+def stop_safely(run):
+    """Around the training and the evaluation before it. The first SIGINT (Ctrl-C) or SIGTERM (what a
+    scheduler sends before it preempts a job) lets the current step finish; stop_if_signalled then writes a
+    checkpoint at that step and exits 130 or 143. A second one stops at once (the last checkpoint is kept).
+    Any other error (out of memory, a data file gone) ends in one line with what to do; the full traceback
+    goes to run_dir/traceback.txt."""
+    def on_signal(signum, frame):
+        SIGNALLED.append(signum)
+        name = signal.Signals(signum).name
+        if len(SIGNALLED) > 1:
+            print(f"error: {name} again: stopped at once; {resume_hint(run)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        print(f"\n{name}: finishing this step, then writing a checkpoint (send it again to stop at once)", flush=True)
+
+    SIGNALLED.clear()
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(OSError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
+            traceback.print_exc(file=f)
+        message = (str(exc).strip().splitlines() or [""])[-1]  # a DataLoader worker's error ends with the cause
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            what = (f"out of memory on {run.args.device}; free the GPU (another process?) and resume, or start over "
+                    f"with a smaller --batch-size")
+        elif isinstance(exc, OSError):
+            what = f"could not read the data ({message}); check --data-dir, then resume"
+        else:
+            what = f"{type(exc).__name__}: {message} (traceback in {run.run_dir}/traceback.txt)"
+        die(f"{what}; {resume_hint(run)}", code=1)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_if_signalled(run, epoch, global_step):
+    """After a step (and after an epoch's evaluation): if SIGINT or SIGTERM came, write a checkpoint at this
+    step, with `epoch` the completed epochs, print the command that resumes it and exit 128 + the signal."""
+    # Test hook: SSL_SIGNAL_AFTER_STEP="K SIGTERM" (or "K SIGINT SIGINT") sends the run those signals after
+    # optimiser step K, so that tests interrupt mid-epoch at a known step (test_methods.py).
+    hook = os.environ.get("SSL_SIGNAL_AFTER_STEP", "").split()
+    if hook and int(hook[0]) == global_step:
+        for name in hook[1:]:
+            os.kill(os.getpid(), getattr(signal, name))
+    if not SIGNALLED:
+        return
+    save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch,
+                    global_step, run.args)
+    print(f"error: stopped by {signal.Signals(SIGNALLED[0]).name}; {resume_hint(run)}", file=sys.stderr)
+    raise SystemExit(128 + SIGNALLED[0])

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 
-from common import (DATASETS, accuracy, build_backbone, dataset_source, die, eval_transform, extract_features,
-                    knn_predict, linear_probe, load_checkpoint, loader_kwargs, positive_int, resolve_device,
-                    seed_everything, set_lr, warmup_cosine)
+from common import (DATASETS, Bounded, accuracy, atomic_write, build_backbone, dataset_source, die, eval_transform,
+                    extract_features, knn_predict, linear_probe, load_checkpoint, loader_kwargs, parse_or_die,
+                    positive_int, resolve_device, seed_everything, set_lr, warmup_cosine)
 
 
 PROTOCOLS = {"fast": dict(epochs=100, batch_size=256, lr=1e-3), "intl": dict(epochs=500, batch_size=1000, lr=1e-2),
@@ -50,13 +50,16 @@ def parse_args(argv=None):
                         help="linear classifier epochs (default: the protocol's: 100 fast, 500 intl, 100 augmented)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="linear classifier batch size (default: the protocol's: 256, 1000, 256)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=Bounded(float, gt=0), default=None,
                         help="peak learning rate (default: the protocol's: 1e-3 Adam, 1e-2 Adam, 0.1 SGD)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=min(8, torch.get_num_threads()),
+    parser.add_argument("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
                         help="data loading processes, 0 loads in the main process (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the classifier's data order (default: %(default)s)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="evaluate without the unreadable images of a --dataset folder (default: stop, list them)")
+    parser.add_argument("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0,
+                        help="seeds the classifier's data order (default: %(default)s)")
+    args = parse_or_die(parser, argv)
     args.device = resolve_device(args.device)
     for name, value in PROTOCOLS[args.protocol].items():
         if getattr(args, name) is None:
@@ -137,7 +140,7 @@ def main(args):
     run = SimpleNamespace(**{**run_args, "device": args.device, "num_workers": args.num_workers})
     run.dataset = args.dataset or run.dataset
     run.data_dir = args.data_dir or run.data_dir
-    source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size)
+    source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size, args.skip_bad_images)
     backbone, feature_dim = build_backbone(run.arch, source.image_size, getattr(run, "stem_padding", 1))
     if not args.random_init:
         try:
@@ -180,9 +183,7 @@ def main(args):
     out_name = "linear_eval" + ("_random_init" if args.random_init else "") + \
         ("" if args.protocol == "fast" else f"_{args.protocol}")
     out_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), out_name + ".json")
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(out_path + ".tmp", out_path)
+    atomic_write(out_path, "w", lambda f: json.dump(results, f, indent=2))
     print(f"linear ({args.protocol} protocol) top1 {top1:.2f} top5 {top5:.2f} | weighted knn top1 "
           f"{results['knn_top1']:.2f} | 5-nn top1 {results['knn5_top1']:.2f} (cosine), "
           f"{results['knn5_euclidean_top1']:.2f} (euclidean, INTL's) -> {out_path}")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from common import (OrthogonalityRegularizer, build_backbone, dataset_source, die, effective_rank, eval_transform,
-                    load_checkpoint, positive_int, resolve_device, weight_matrix)
+                    load_checkpoint, parse_or_die, positive_int, resolve_device, weight_matrix)
 
 
 # Spectra, to see dimensional collapse: sorted singular values of the weights and eigenvalues of
@@ -82,7 +82,7 @@ def parse_args(argv=None):
                         help="test images whose features are measured (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="where the dataset lives (default: each run's --data-dir)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parse_or_die(parser, argv)
     if args.labels and len(args.labels) != len(args.checkpoints):
         parser.error(f"--labels got {len(args.labels)} labels for {len(args.checkpoints)} checkpoints; give one each")
     if args.labels and len(set(args.labels)) != len(args.labels):

@@ -2,6 +2,7 @@
 # in memory (on the GPU when training on one), with every image's own random parameters. A speed
 # twin of torchvision's PIL transforms, tested against them op by op (test_methods.py); optional:
 # without this file beside common.py, every method trains with the PIL pipeline.
+import contextlib
 import hashlib
 import math
 import os
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import Data, blur_kernel_size, die, image_folder, recipe_settings
+from common import Data, bad_images_message, blur_kernel_size, die, first_image_size, image_folder, recipe_settings
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
 
@@ -260,10 +261,11 @@ class TensorEvalLoader:
             yield (x - self.mean) / self.std, self.labels[start:start + self.batch_size]
 
 
-def folder_arrays(data_dir, split):
+def folder_arrays(data_dir, split, skip_bad=False):
     """A folder split decoded once into uint8 (N, H, W, 3), cached as an .npz beside the data (or in
-    ~/.cache when the data is read-only) and reused while its files are unchanged. Returns
-    (images, labels, classes), or a string saying why it stays on disk."""
+    ~/.cache when the data is read-only) and reused while its files are unchanged. Unreadable images
+    end the run in one line listing them, or with skip_bad are left out. Returns (images, labels,
+    classes), or a string saying why it stays on disk."""
     dataset = image_folder(data_dir, split, None)
     stats = [(path, os.stat(path)) for path, _ in dataset.samples]
     fingerprint = hashlib.sha1("\n".join(f"{path} {st.st_size} {st.st_mtime_ns}" for path,
@@ -275,29 +277,47 @@ def folder_arrays(data_dir, split):
     for folder in (beside, elsewhere):
         if os.path.isfile(os.path.join(folder, name)):
             with np.load(os.path.join(folder, name)) as cached:
-                return cached["images"], cached["labels"], dataset.classes
-    with Image.open(dataset.samples[0][0]) as first:
-        width, height = first.size
+                return checked(cached["images"], cached["labels"], list(cached["bad"]) if "bad" in cached else [],
+                               dataset, skip_bad)
+    width, height = first_image_size(dataset)
     if len(stats) * height * width * 3 > MEMORY_LIMIT_BYTES:
         return f"{dataset.root} would take more than {MEMORY_LIMIT_BYTES / 2**30:.0f} GiB as uint8"
     images = np.empty((len(stats), height, width, 3), dtype=np.uint8)
     print(f"decoding {len(stats)} images of {dataset.root} once into memory...", flush=True)
+    bad = []
     for index, (path, _) in enumerate(dataset.samples):
-        with Image.open(path) as image:
-            if image.size != (width, height):
-                return f"{path} is {image.size[0]}x{image.size[1]}, not {width}x{height} like the first image"
-            images[index] = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                if image.size != (width, height):
+                    return f"{path} is {image.size[0]}x{image.size[1]}, not {width}x{height} like the first image"
+                images[index] = np.asarray(image.convert("RGB"))
+        except OSError:  # truncated, not an image (PIL's UnidentifiedImageError), unreadable
+            bad.append(path)
     labels = np.array(dataset.targets, dtype=np.int64)
+    if bad:
+        good = np.isin([path for path, _ in dataset.samples], bad, invert=True)
+        images, labels = images[good], labels[good]
     for folder in (beside, elsewhere):
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp.npz")
         try:
             os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, images=images, labels=labels)
+            np.savez(tmp, images=images, labels=labels, bad=np.array(bad, dtype=str))
             os.replace(tmp, os.path.join(folder, name))
             print(f"cached as {os.path.join(folder, name)}")
             break
-        except OSError:
-            continue
+        except OSError as exc:  # the cache only saves time: say why, leave no temporary file, carry on
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            print(f"could not cache the decoded images in {folder}: {exc.strerror or exc}", flush=True)
+    return checked(images, labels, bad, dataset, skip_bad)
+
+
+def checked(images, labels, bad, dataset, skip_bad):
+    """(images, labels, classes) of the readable images; unreadable ones end the run unless skip_bad."""
+    if bad and not skip_bad:
+        die(bad_images_message(bad, dataset.root))
+    if bad:
+        print(f"skipped: {bad_images_message(bad, dataset.root).split('; ')[0]}", flush=True)
     return images, labels, dataset.classes
 
 
@@ -305,7 +325,7 @@ def split_arrays(source, split):
     """One split of common.dataset_source(...) as (uint8 images (N, H, W, 3), labels, classes), or a
     string saying why it cannot be held in memory."""
     if source.name == "folder":
-        return folder_arrays(source.data_dir, "test" if split == "test" else "train")
+        return folder_arrays(source.data_dir, "test" if split == "test" else "train", source.skip_bad_images)
     dataset = source.make(split, None)
     if source.name == "synthetic":
         return dataset.images, dataset.labels, dataset.classes

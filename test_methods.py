@@ -2,11 +2,17 @@
 (augmentations, LARS, schedule, kNN, checkpoints, data errors), and every script run end to end as a
 subprocess on tiny synthetic data. Run with `pytest -q`; `pytest -q -m slow` runs the longer checks."""
 import argparse
+import contextlib
+import errno
+import hashlib
 import inspect
 import json
 import math
 import os
 import random
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -953,7 +959,7 @@ def test_ortho_weight_defaults_by_kind_and_refuses_a_weight_without_a_penalty_or
     assert simclr.parse_args(quick).ortho_weight == 0.0
     capsys.readouterr()
     for flags, message in ((["--ortho-weight", "1e-3"], "has no effect without --ortho so"),
-                           (["--ortho", "so", "--ortho-weight", "-1"], "must be >= 0")):
+                           (["--ortho", "so", "--ortho-weight", "-1"], "expected a number >= 0, got -1")):
         with pytest.raises(SystemExit):
             simclr.parse_args(quick + flags)
         err = capsys.readouterr().err
@@ -1173,13 +1179,15 @@ def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
         assert not torch.equal(model["target." + weight], model[weight])
 
 
-@pytest.mark.parametrize(
-    "method,pipeline,workers,ortho",
-    [("simclr", "tensor", "0", "none"), ("simclr", "pil", "2", "none"), ("byol", "tensor", "0", "srip")],
-)
-def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch, method, pipeline, workers, ortho):
-    """Weights, BN buffers, BYOL's target, SRIP's power-iteration vectors and optimiser state all
-    match after an interruption; both pipelines draw the same augmentations after a resume."""
+@pytest.mark.parametrize("method,pipeline,workers,ortho,signame", [
+    ("simclr", "tensor", "0", "none", "SIGINT"), ("simclr", "pil", "2", "none", "SIGTERM"),
+    ("byol", "tensor", "0", "srip", "SIGTERM"), ("vicreg", "pil", "0", "none", "SIGINT"),
+    ("intl", "tensor", "0", "none", "SIGTERM")])
+def test_a_run_stopped_by_a_signal_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch, method, pipeline,
+                                                                         workers, ortho, signame):
+    """SIGINT or SIGTERM sent to a training subprocess after step 6 of 8 (epoch 2 of 2): it finishes the step,
+    writes a checkpoint at step 6 and exits 130 / 143; --resume then ends with the weights, BN buffers, BYOL's
+    target, SRIP's power-iteration vectors and optimiser state of an uninterrupted run, with both pipelines."""
     monkeypatch.chdir(tmp_path)
     module = METHODS[method]
     common_args = TINY_RUN + ["--arch", "convnet", "--num-workers", workers, "--ortho", ortho, "--ortho-heads",
@@ -1192,22 +1200,25 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch,
     else:
         module.main(module.parse_args(common_args + ["--run-name", "straight"]))
 
-    real_end_of_epoch = module.end_of_epoch
-
-    def interrupt_after_first_epoch(*args, **kwargs):
-        real_end_of_epoch(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    with mock.patch.object(module, "end_of_epoch", interrupt_after_first_epoch), pytest.raises(KeyboardInterrupt):
-        module.main(module.parse_args(common_args + ["--run-name", "interrupted"]))
-    assert torch.load("runs/interrupted/checkpoint.pt", weights_only=True)["epoch"] == 1
+    env = {**os.environ, "SSL_SIGNAL_AFTER_STEP": f"6 {signame}"}  # the hook in common.stop_if_signalled
+    result = subprocess.run([sys.executable, os.path.join(HERE, f"{method}.py"), *common_args, "--run-name",
+                             "interrupted"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 128 + getattr(signal, signame), result.stderr
+    assert result.stderr.strip() == (f"error: stopped by {signame}; continue from the checkpoint (epoch 1, step 6) "
+                                     f"with `python {method}.py --resume runs/interrupted/checkpoint.pt`")
+    stopped = torch.load("runs/interrupted/checkpoint.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["global_step"]) == (1, 6)
     module.main(module.parse_args(["--resume", "runs/interrupted/checkpoint.pt", "--num-workers", workers]))
 
     straight = torch.load("runs/straight/checkpoint.pt", weights_only=True)
     resumed = torch.load("runs/interrupted/checkpoint.pt", weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 2 and resumed["global_step"] == 8
     for key, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+        assert torch.equal(resumed["model"][key], value), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    steps = [r["step"] for r in map(json.loads, open("runs/interrupted/metrics.jsonl")) if r["type"] == "train"]
+    assert steps == list(range(1, 9))  # each step logged once, the resumed ones after the others
     assert sum(key.startswith("ortho.srip_vectors_") for key in straight["model"]) == (
         6 if ortho == "srip" else 0
     )  # 4 conv shapes + 2 head shapes
@@ -1253,6 +1264,205 @@ def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
         result = run_script(script, flag, str(tmp_path / "bad.pt"), cwd=tmp_path)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "corrupt" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# What a user can rely on: bad flags, run folders, bad images, failed writes, errors and signals each end
+# in one line, and the earlier run's checkpoint is never touched
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """A simclr run stopped by SIGTERM after step 6 of 8, in this process: its folder, to copy."""
+    out_dir = tmp_path_factory.mktemp("earlier")
+    argv = TINY_RUN + ["--arch", "convnet", "--out-dir", str(out_dir), "--run-name", "earlier"]
+    with mock.patch.dict(os.environ, {"SSL_SIGNAL_AFTER_STEP": "6 SIGTERM"}), pytest.raises(SystemExit) as stop:
+        simclr.main(simclr.parse_args(argv))
+    assert stop.value.code == 143
+    return out_dir / "earlier"
+
+
+def copy_of(run_dir, tmp_path):
+    """A copy of a run folder under tmp_path/runs and the sha1 of its checkpoint."""
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    return copy, hashlib.sha1((copy / "checkpoint.pt").read_bytes()).hexdigest()
+
+
+def assert_one_line_and_untouched(result_or_err, run_dir, digest, code=None):
+    """stderr is one line, no traceback; the run's checkpoint is byte-for-byte the same, no temporary file."""
+    err = result_or_err if isinstance(result_or_err, str) else result_or_err.stderr
+    if code is not None:
+        assert result_or_err.returncode == code, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert hashlib.sha1((run_dir / "checkpoint.pt").read_bytes()).hexdigest() == digest
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
+    return err
+
+
+NOT_NUMBERS = {"data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
+
+
+@pytest.mark.parametrize("script", ["simclr", "byol", "vicreg", "intl", "eval_linear"])
+def test_every_flag_is_validated_when_parsed_with_one_line_naming_the_valid_range(script, capsys):
+    """The general mechanism: every numeric flag has a common.Bounded type (the rest have choices, are
+    switches or are paths and names), and a value out of its range, or not a number, ends in one line."""
+    module = {**METHODS, "eval_linear": eval_linear}[script]
+    captured = {}
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module.parse_args([])
+    base = ["--checkpoint", "x.pt"] if script == "eval_linear" else ["--device", "cpu"]
+    for action in captured["parser"]._actions:
+        if action.dest == "help" or action.choices or action.nargs == 0:
+            continue
+        assert isinstance(action.type, common.Bounded) or action.dest in NOT_NUMBERS, action.dest
+        if not isinstance(action.type, common.Bounded):
+            continue
+        bound = action.type
+        below = bound.gt if bound.gt is not None else bound.ge - (1 if bound.kind is int else 0.5)
+        for bad in [below] + ([bound.le + 1] if bound.le is not None else []) + ["nan"]:
+            with pytest.raises(SystemExit) as exit_info:
+                module.parse_args([action.option_strings[0], str(bad)] + base)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"argument {action.option_strings[0]}: expected {bound.valid}, got {bad}" in err
+
+
+def test_bad_flags_unknown_device_and_an_out_dir_that_is_a_file_end_in_one_line(earlier_run, tmp_path):
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    for flags, message in ((["--base-lr", "-1"], "argument --base-lr: expected a number > 0, got -1"),
+                           (["--batch-size", "1"], "argument --batch-size: expected an integer >= 2, got 1"),
+                           (["--device", "tpu"], "--device tpu is not a device"),
+                           (["--out-dir", str(run_dir / "args.json")], "is a file; name a folder")):
+        result = run_script("simclr.py", *TINY_RUN, *flags, cwd=tmp_path)
+        assert message in assert_one_line_and_untouched(result, run_dir, digest, code=2)
+    for flags in (["--warmup-epochs", "3"], ["--precision", "fp16"], ["--ortho-weight", "1"]):  # combinations
+        with pytest.raises(SystemExit) as exit_info:
+            simclr.parse_args(TINY_RUN + flags)
+        assert exit_info.value.code == 2
+
+
+def test_a_run_folder_is_never_overwritten(earlier_run, tmp_path, capsys):
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    result = run_script("simclr.py", *TINY_RUN, "--run-name", "earlier", cwd=tmp_path)
+    err = assert_one_line_and_untouched(result, run_dir, digest, code=2)
+    assert "`python simclr.py --resume runs/earlier/checkpoint.pt`" in err and "another --run-name" in err
+    (run_dir / "checkpoint.pt").unlink()  # a folder with files but no checkpoint is not reused either
+    with pytest.raises(SystemExit):
+        simclr.parse_args(TINY_RUN + ["--run-name", "earlier", "--out-dir", str(tmp_path / "runs")])
+    assert "choose another --run-name" in capsys.readouterr().err
+
+
+def bad_image_folder(root):
+    """DATA/train and DATA/test of 32 px JPEGs, two of the training images unreadable."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}")
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.jpg")
+    truncated = root / "train" / "c0" / "3.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (root / "train" / "c1" / "5.jpg").write_bytes(b"not an image")
+    return [str(truncated), str(root / "train" / "c1" / "5.jpg")]
+
+
+def test_unreadable_images_stop_the_run_by_default_and_are_left_out_with_skip_bad_images(
+        earlier_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    bad = bad_image_folder(tmp_path / "data")
+    folder = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--batch-size", "8", "--epochs", "1",
+              "--num-workers", "0", "--device", "cpu", "--arch", "convnet", "--log-every", "1"]
+    result = run_script("simclr.py", *folder, cwd=tmp_path)  # the tensor pipeline: decoded once, before training
+    err = assert_one_line_and_untouched(result, run_dir, digest, code=2)
+    assert f"2 unreadable images in {tmp_path / 'data' / 'train'}: {bad[0]}, {bad[1]}; fix or delete them" in err
+    for pipeline in ("tensor", "pil"):
+        common.UNREADABLE.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            common.build_data(simclr.parse_args(folder + ["--pipeline", pipeline]))
+        assert exit_info.value.code == 2 and "--skip-bad-images" in capsys.readouterr().err
+        common.UNREADABLE.clear()
+        data = common.build_data(simclr.parse_args(folder + ["--pipeline", pipeline, "--skip-bad-images"]))
+        assert len(data.eval_train_loader.dataset if pipeline == "pil" else data.eval_train_loader.images) == 22
+        assert "skipped: 2 unreadable images" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    simclr.main(simclr.parse_args(folder + ["--pipeline", "pil", "--skip-bad-images", "--run-name", "skips"]))
+    assert os.path.isfile(tmp_path / "runs" / "skips" / "backbone.pt")
+
+
+def resume_in_process(run_dir, capsys, code, *patches):
+    """Resume run_dir with (object, attribute, value) patches; returns its stderr."""
+    capsys.readouterr()
+    with contextlib.ExitStack() as stack:
+        for target, attribute, value in patches:
+            stack.enter_context(mock.patch.object(target, attribute, value))
+        with pytest.raises(SystemExit) as exit_info:
+            simclr.main(simclr.parse_args(["--resume", str(run_dir / "checkpoint.pt")]))
+    assert exit_info.value.code == code
+    return capsys.readouterr().err
+
+
+def test_a_write_that_fails_ends_in_one_line_and_keeps_the_checkpoint(earlier_run, tmp_path, capsys):
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    real_save = torch.save
+
+    def disk_full(obj, f):  # half a checkpoint, then the disk is full
+        real_save({"model": obj["model"]} if isinstance(obj, dict) else obj, f)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    err = resume_in_process(run_dir, capsys, 1, (torch, "save", disk_full))
+    assert_one_line_and_untouched(err, run_dir, digest)
+    assert f"could not write {run_dir / 'checkpoint.pt'}: No space left on device" in err
+
+    def limited():  # the OS refuses to write past 100 kB: a real failed write, in a subprocess
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    result = subprocess.run([sys.executable, os.path.join(HERE, "simclr.py"), "--resume", "runs/earlier/checkpoint.pt"],
+                            cwd=tmp_path, preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    err = assert_one_line_and_untouched(result, run_dir, digest, code=1)
+    assert "checkpoint.pt: File too large" in err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        os.chmod(run_dir, 0o555)
+        try:
+            result = run_script("simclr.py", "--resume", "runs/earlier/checkpoint.pt", cwd=tmp_path)
+        finally:
+            os.chmod(run_dir, 0o755)
+        assert "Permission denied" in assert_one_line_and_untouched(result, run_dir, digest, code=1)
+    json_path = tmp_path / "linear_eval.json"
+    with mock.patch.object(json, "dump", side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS))), \
+            pytest.raises(SystemExit):
+        common.atomic_write(str(json_path), "w", lambda f: json.dump({}, f))
+    assert "Read-only file system" in capsys.readouterr().err
+    assert not json_path.exists() and not (tmp_path / "linear_eval.json.tmp").exists()
+
+
+def test_errors_inside_training_end_in_one_line_with_what_to_do(earlier_run, tmp_path, capsys):
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    out_of_memory = mock.Mock(side_effect=torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    err = resume_in_process(run_dir, capsys, 1, (simclr, "optimizer_step", out_of_memory))
+    assert_one_line_and_untouched(err, run_dir, digest)
+    assert "out of memory" in err and f"--resume {os.path.relpath(run_dir / 'checkpoint.pt')}" in err
+    assert "OutOfMemoryError" in (run_dir / "traceback.txt").read_text()
+    vanished = mock.Mock(side_effect=FileNotFoundError(errno.ENOENT, "No such file or directory", "data/x.jpg"))
+    err = resume_in_process(run_dir, capsys, 1, (simclr, "online_probe_loss", vanished))
+    assert "could not read the data" in assert_one_line_and_untouched(err, run_dir, digest)
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(earlier_run, tmp_path, capsys):
+    run_dir, digest = copy_of(earlier_run, tmp_path)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with mock.patch.dict(os.environ, {"SSL_SIGNAL_AFTER_STEP": "7 SIGINT SIGINT"}):
+        err = resume_in_process(run_dir, capsys, 130)
+    assert "SIGINT again: stopped at once" in assert_one_line_and_untouched(err, run_dir, digest)
+    assert "(epoch 1, step 6)" in err
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
 
 @pytest.mark.slow
@@ -1455,7 +1665,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
     args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
                            augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor")
+                           pipeline="tensor", skip_bad_images=False)
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
@@ -1478,7 +1688,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
     args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
                            augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor")
+                           pipeline="tensor", skip_bad_images=False)
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)

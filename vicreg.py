@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from common import (
-    OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
-    build_data, build_optimizer, end_of_epoch, evaluate, online_probe_loss, optimizer_step, parse_run_args,
-    positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_data_epoch, set_lr,
-    warmup_cosine,
+    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
+    build_data, build_optimizer, end_of_epoch, epoch_batches, evaluate, online_probe_loss, optimizer_step,
+    parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_lr,
+    stop_if_signalled, stop_safely, warmup_cosine,
 )
 
 METHOD = "vicreg"
@@ -30,10 +30,12 @@ def parse_args(argv=None):
     add_recipe_args(parser, epochs=1000, batch_size=256, optimizer="lars", base_lr=0.3, weight_decay=1e-4,
                     warmup_epochs=10, final_lr_ratio=0.0, augmentations="vicreg",
                     probe_lr=0.3)
-    parser.add_argument("--sim-coeff", type=float, default=25.0, help="invariance weight lambda (default: %(default)s)")
-    parser.add_argument("--std-coeff", type=float, default=25.0,
+    parser.add_argument("--sim-coeff", type=Bounded(float, ge=0), default=25.0,
+                        help="invariance weight lambda (default: %(default)s)")
+    parser.add_argument("--std-coeff", type=Bounded(float, ge=0), default=25.0,
                         help="variance weight mu of eq. (6); 12.5 is the official code's halved form (default: 25.0)")
-    parser.add_argument("--cov-coeff", type=float, default=1.0, help="covariance weight nu (default: %(default)s)")
+    parser.add_argument("--cov-coeff", type=Bounded(float, ge=0), default=1.0,
+                        help="covariance weight nu (default: %(default)s)")
     parser.add_argument("--proj-hidden-dim", type=positive_int, default=2048,
                         help="projector hidden width (default: %(default)s)")
     parser.add_argument("--proj-dim", type=positive_int, default=2048,
@@ -105,36 +107,38 @@ def main(args):
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
-    if start_epoch == 0:                                                # the untrained backbone, logged as epoch 0
-        log.evaluation(-1, 0, evaluate(model, data, device))
 
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        set_data_epoch(data.train_loader, args.seed, epoch)
-        for (x1, x2), labels in data.train_loader:
-            x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
-            labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
-            lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
-                                                 peak_lr * args.final_lr_ratio))
-            # ALGO LOGIC: training step
-            with autocast(device, args.precision):
-                h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
-                z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
-            ssl_loss, loss_terms = vicreg_loss(z1.float(), z2.float(), args.sim_coeff, args.std_coeff, args.cov_coeff)
-            terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
+    with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
+        if global_step == 0:                                            # the untrained backbone, logged as epoch 0
+            log.evaluation(-1, 0, evaluate(model, data, device))
+        for epoch in range(start_epoch, args.epochs):
+            model.train()
+            for (x1, x2), labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too
+                x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
+                labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
+                lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
+                                                     peak_lr * args.final_lr_ratio))
+                # ALGO LOGIC: training step
+                with autocast(device, args.precision):
+                    h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
+                    z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
+                ssl_loss, loss_terms = vicreg_loss(z1.float(), z2.float(), args.sim_coeff, args.std_coeff,
+                                                   args.cov_coeff)
+                terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
 
-            # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
-            probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
-            penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
-            loss = ssl_loss + args.ortho_weight * penalty + probe_loss
-            terms["probe"] = probe_loss
-            if args.ortho != "none":
-                terms["ortho"] = penalty
-            optimizer_step(loss, optimizer, scaler)
-            global_step += 1
-            log.train_step(epoch, global_step, terms, lr)
-        # TRY NOT TO MODIFY: checkpoint.pt every epoch, kNN every --eval-every, backbone.pt + linear probe at the end
-        end_of_epoch(run, epoch, global_step)
+                # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
+                probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
+                penalty = model["ortho"]()                                       # SO or SRIP of the weights, fp32
+                loss = ssl_loss + args.ortho_weight * penalty + probe_loss
+                terms["probe"] = probe_loss
+                if args.ortho != "none":
+                    terms["ortho"] = penalty
+                optimizer_step(loss, optimizer, scaler)
+                global_step += 1
+                log.train_step(epoch, global_step, terms, lr)
+                # TRY NOT TO MODIFY: SIGINT/SIGTERM stop after a whole step; checkpoint.pt every epoch, backbone.pt last
+                stop_if_signalled(run, epoch, global_step)                   # a checkpoint at this step, exit 130/143
+            end_of_epoch(run, epoch, global_step)                            # kNN every --eval-every, linear probe last
 
 
 if __name__ == "__main__":
