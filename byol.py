@@ -19,7 +19,7 @@ from common import (
     OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
     build_data, build_optimizer, end_of_epoch, evaluate, online_probe_loss, optimizer_step, parse_run_args,
     positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_data_epoch, set_lr,
-    warmup_cosine,
+    start_processes, sync_batch_norm, warmup_cosine,
 )
 
 METHOD = "byol"
@@ -51,7 +51,8 @@ def parse_args(argv=None):
 def byol_loss(p, z):
     """Eq. (2) of the paper, one direction: the squared distance of the L2-normalised prediction
     and target projection, ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), averaged over the batch.
-    The target z is a constant (stop-gradient). p, z: (N, D); returns a scalar in [0, 4]."""
+    The target z is a constant (stop-gradient). p, z: (N, D); returns a scalar in [0, 4]. Under
+    torchrun, N is this process's share: averaged over the processes, the loss of the global batch."""
     cosine = (nn.functional.normalize(p, dim=1) * nn.functional.normalize(z.detach(), dim=1)).sum(dim=1)  # (N,)
     return (2 - 2 * cosine).mean()
 
@@ -74,13 +75,14 @@ def ema_update(target, online, tau):
 
 
 def main(args):
-    # TRY NOT TO MODIFY: seeding, data, run folder
-    seed_everything(args.seed)
+    # TRY NOT TO MODIFY: processes (torchrun starts N, python one), seeding, data, run folder
+    rank, args.world_size = start_processes(args.device, args.batch_size)  # (0, 1) without torchrun
+    seed_everything(args.seed)                                           # the same initial weights everywhere
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    data = build_data(args)
+    data = build_data(args, rank, args.world_size)                       # this process's share of each batch
     args.image_size, args.pipeline = data.image_size, data.pipeline  # what auto chose, stored with the run
-    run_dir = prepare_run_dir(args)
+    run_dir = prepare_run_dir(args) if rank == 0 else None              # rank 0 evaluates, logs and saves
 
     # ALGO LOGIC: model
     backbone, feature_dim = build_backbone(args.arch, data.image_size, args.stem_padding)
@@ -94,6 +96,8 @@ def main(args):
     # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, logging
     model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
+    if args.world_size > 1:  # BatchNorm statistics of the global batch, as one process's (google-research/simclr#114)
+        sync_batch_norm(model)
     prepare_model(model, device, args.compile)                          # channels_last on a GPU, --compile
     peak_lr = args.base_lr * args.batch_size / 256                      # the linear scaling rule
     optimizer = build_optimizer(args.optimizer, model, peak_lr, args.weight_decay, args.probe_lr)
@@ -106,7 +110,7 @@ def main(args):
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
-    if start_epoch == 0:                                                # the untrained backbone, logged as epoch 0
+    if start_epoch == 0 and rank == 0:                                  # the untrained backbone, logged as epoch 0
         log.evaluation(-1, 0, evaluate(model, data, device))
 
     for epoch in range(start_epoch, args.epochs):
@@ -144,7 +148,8 @@ def main(args):
             # ALGO LOGIC: after each optimiser step the target moves towards the online network
             ema_update(target, online, tau)
         # TRY NOT TO MODIFY: checkpoint.pt every epoch, kNN every --eval-every, backbone.pt + linear probe at the end
-        end_of_epoch(run, epoch, global_step)
+        if rank == 0:  # the other processes wait for it at their next collective
+            end_of_epoch(run, epoch, global_step)
 
 
 if __name__ == "__main__":
