@@ -6,6 +6,7 @@ Usage:
     python byol.py --dataset cifar10                     # reference recipe: 1000 epochs, one GPU
     python byol.py --dataset folder --data-dir DIR       # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python byol.py --resume runs/NAME/checkpoint.pt      # continue a run where it stopped
+    torchrun --standalone --nproc_per_node 8 byol.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are solo-learn's CIFAR configuration behind 92.58% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse

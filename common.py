@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -666,13 +667,21 @@ def start_processes(device, batch_size):
     if rank > 0:
         sys.stdout = open(os.devnull, "w")  # one process speaks; errors still reach stderr
 
-    def report(kind, error, trace):
-        if not issubclass(kind, dist.DistError):
+    def stopped(kind=None, error=None, trace=None):  # a collective failed, or torchrun stops us (SIGTERM)
+        lost = kind is None or issubclass(kind, dist.DistError) or any(  # gloo's lost peer is a RuntimeError
+            word in str(error) for word in ("gloo", "NCCL", "Connection closed by peer"))
+        if not lost:
             return sys.__excepthook__(kind, error, trace)
-        if rank == 0:
-            print(f"error: another process of this run died or stopped answering ({kind.__name__}: "
-                  f"{str(error).strip().splitlines()[0][:200]}); torchrun's report names it", file=sys.stderr)
-    sys.excepthook = report
+        if rank == 0 and not stopped.said:
+            print("error: another process of this run died or stopped answering, so the run stops here; "
+                  "torchrun's report below names it", file=sys.stderr, flush=True)
+        stopped.said = True
+        if kind is None:  # at once, even mid-exit: torchrun's report follows
+            sys.stdout.flush()
+            os._exit(1)
+    stopped.said = False
+    sys.excepthook = stopped
+    signal.signal(signal.SIGTERM, lambda *_: stopped())
     print(f"{world_size} processes train ({dist.get_backend()}, {os.environ.get('LOCAL_WORLD_SIZE', '?')} per "
           f"machine), each on {batch_size // world_size} images of every global batch of {batch_size}")
     return rank, world_size

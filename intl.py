@@ -8,6 +8,7 @@ Usage:
     python intl.py --dataset cifar10                     # reference recipe: 1000 epochs, one GPU
     python intl.py --dataset folder --data-dir DIR       # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python intl.py --resume runs/NAME/checkpoint.pt      # continue a run where it stopped
+    torchrun --standalone --nproc_per_node 8 intl.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are the authors' CIFAR-10 configuration (winci-ai/INTL) behind 92.60% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse

@@ -7,6 +7,7 @@ Usage:
     python vicreg.py --dataset cifar10                   # reference recipe: 1000 epochs, one GPU
     python vicreg.py --dataset folder --data-dir DIR     # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python vicreg.py --resume runs/NAME/checkpoint.pt    # continue a run where it stopped
+    torchrun --standalone --nproc_per_node 8 vicreg.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are solo-learn's CIFAR configuration behind 92.07% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse
