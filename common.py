@@ -673,8 +673,8 @@ def start_processes(device, batch_size):
         if not lost:
             return sys.__excepthook__(kind, error, trace)
         if rank == 0 and not stopped.said:
-            print("error: another process of this run died or stopped answering, so the run stops here; "
-                  "torchrun's report below names it", file=sys.stderr, flush=True)
+            print("error: the run stops here: another process died or stopped answering, or torchrun was stopped "
+                  "(its report below says which)", file=sys.stderr, flush=True)
         stopped.said = True
         if kind is None:  # at once, even mid-exit: torchrun's report follows
             sys.stdout.flush()
