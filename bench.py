@@ -178,7 +178,7 @@ def time_main(module, margs, data, warmup, steps, ready):
     """Run the method's main() on `data` for warmup + steps steps; returns seconds per step."""
     timed_loader = TimedLoader(data.train_loader, warmup, steps, torch.device(margs.device), ready=ready)
     fake = dataclasses.replace(data, train_loader=timed_loader)
-    with mock.patch.object(module, "build_data", lambda _: fake), \
+    with mock.patch.object(module, "build_data", lambda *_: fake), \
             mock.patch.object(module, "evaluate", lambda *a, **k: {}), \
             mock.patch.object(module, "end_of_epoch", lambda *a, **k: None):
         module.main(margs)

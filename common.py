@@ -5,8 +5,10 @@
 # ImageFolder tree or torchvision's datasets. Two optional modules beside it add speed and an
 # offline data set: tensor_pipeline.py (batched augmentation on the GPU) and synthetic.py.
 import argparse
+import atexit
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -326,6 +329,7 @@ def autocast(device, precision):
 def optimizer_step(loss, optimizer, scaler):
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    average_gradients(optimizer)  # torchrun: the mean over the processes, as DDP's; nothing in one process
     scaler.step(optimizer)
     scaler.update()
 
@@ -400,7 +404,8 @@ def online_probe_loss(probe, features, labels):
     """solo-learn's online linear classifier (fca55e3 solo/methods/base.py): cross-entropy of a
     Linear on the *detached* backbone features of each view, averaged over the views, so no gradient
     reaches the backbone. Images without a label (-1, STL-10's unlabeled split) are left out."""
-    losses = [F.cross_entropy(probe(h.detach().float()), labels, ignore_index=-1) for h in features]
+    labels = gather(labels)  # torchrun: the global batch, so the loss is one process's (same unlabelled images)
+    losses = [F.cross_entropy(probe(gather(h.detach()).float()), labels, ignore_index=-1) for h in features]
     return torch.stack(losses).nan_to_num().mean()  # a batch without any label gives 0
 
 
@@ -467,7 +472,8 @@ RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every", "skip_ba
 def die(message, code=2):
     """End a run with one readable line: exit code 2 for bad input (flags, data, run folder), 1 for a
     failure while running (a write that fails, out of memory)."""
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # torchrun: one line per machine, not one per process
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -697,6 +703,148 @@ def prepare_model(model, device, compile=False):
     return model
 
 
+# ---- Many processes: torchrun --nproc_per_node N METHOD.py, the same steps as one process ----------
+# torchrun starts N copies of the script with RANK, LOCAL_RANK and WORLD_SIZE set. Each takes batch / N
+# images of every global batch (build_data); the losses gather what they need over the global batch
+# (gather), BatchNorm is synchronised (sync_batch_norm) and gradients are averaged (optimizer_step). Rank 0
+# alone evaluates, logs and saves. python METHOD.py is one process: every function here then does nothing.
+PROCESS_TIMEOUT = datetime.timedelta(minutes=30)  # longer than rank 0's evaluations, which the others wait for
+
+
+def start_processes(device, batch_size):
+    """(rank, number of processes): (0, 1) without torchrun. Under torchrun: joins the process group (NCCL on
+    GPUs, one per process; gloo on CPUs), leaves stdout to rank 0, and makes a collective that fails because
+    another process died one line on rank 0 (torchrun stops the rest of the run)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        print("1 process trains (torchrun --nproc_per_node N runs N, README: Many GPUs)")
+        return 0, 1
+    if batch_size % world_size:
+        die(f"--batch-size {batch_size} is the global batch and must divide among the {world_size} processes")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is then this process's GPU
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PROCESS_TIMEOUT)
+    atexit.register(dist.destroy_process_group)
+    rank = dist.get_rank()
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # one process speaks; errors still reach stderr
+
+    def stopped(kind=None, error=None, trace=None):  # a collective failed, or torchrun stops us (SIGTERM)
+        lost = kind is None or issubclass(kind, dist.DistError) or any(  # gloo's lost peer is a RuntimeError
+            word in str(error) for word in ("gloo", "NCCL", "Connection closed by peer"))
+        if not lost:
+            return sys.__excepthook__(kind, error, trace)
+        if rank == 0 and not stopped.said:
+            print("error: the run stops here: another process died or stopped answering, or torchrun was stopped "
+                  "(its report below says which)", file=sys.stderr, flush=True)
+        stopped.said = True
+        if kind is None:  # at once, even mid-exit: torchrun's report follows
+            sys.stdout.flush()
+            os._exit(1)
+    stopped.said = False
+    sys.excepthook = stopped
+    signal.signal(signal.SIGTERM, lambda *_: stopped())
+    print(f"{world_size} processes train ({dist.get_backend()}, {os.environ.get('LOCAL_WORLD_SIZE', '?')} per "
+          f"machine), each on {batch_size // world_size} images of every global batch of {batch_size}")
+    return rank, world_size
+
+
+def gather(x):
+    """x (b, ...) of each of the N processes -> (N b, ...) in rank order, on every process; x in one process.
+    The gradient flows back: the backward sums every process's gradient of the gathered tensor and gives
+    each process that of its own x (torch.distributed.all_gather has none). So a loss L of the global batch,
+    computed by every process, gives each process's x the gradient N dL/dx, and averaging the parameters'
+    gradients over the N processes (optimizer_step) gives dL/dparameters: one process's step, without
+    rescaling the loss. A mean over local samples works too: its N copies sum to N times the global mean."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return AllGather.apply(x)
+
+
+class AllGather(torch.autograd.Function):
+    """gather's all-gather and its backward: the sum over processes of the gathered gradient, this process's part."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's may be shared: sum a copy
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def average_gradients(optimizer):
+    """Each gradient becomes its mean over the processes (one all-reduce of them all, as DDP's buckets)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
+    dist.all_reduce(flat)
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def signalled_anywhere(signum):
+    """The largest signal number any process received (0: none); signum itself in one process. Under
+    torchrun this is a collective after every step (one integer: a host sync)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return signum
+    flag = torch.tensor([signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def mean_over_processes(values):
+    """A dict of floats averaged over the processes (logged terms); itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return dict(zip(values, (total / dist.get_world_size()).tolist()))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch for processes on CPUs, where nn.SyncBatchNorm does not run: the
+    per-channel sums are all-reduced with their gradient (the same maths as nn.SyncBatchNorm's)."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)  # every axis but the channels
+        count = x.numel() // x.shape[1] * dist.get_world_size()
+        mean = gather(x.sum(dims)[None]).sum(0) / count                         # (C,)
+        centred = x - mean.view(shape)
+        var = gather(centred.pow(2).sum(dims)[None]).sum(0) / count              # (C,) biased, to normalise
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as nn.BatchNorm
+        return centred * torch.rsqrt(var + self.eps).view(shape) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def sync_batch_norm(module):
+    """Every BatchNorm in module, replaced in place by one with the statistics of the global batch:
+    nn.SyncBatchNorm on a GPU, GlobalBatchNorm on the CPU. Same state dict names, so checkpoints load
+    with any number of processes."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            cls = nn.SyncBatchNorm if child.weight.is_cuda else GlobalBatchNorm
+            synced = cls(child.num_features, child.eps, child.momentum).to(child.weight.device, child.weight.dtype)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            sync_batch_norm(child)
+    return module
+
+
 # ---- Data loading --------------------------------------------------------------------------------
 # Per-channel mean and std of each training set. `folder` uses ImageNet's; `synthetic` is measured
 # on the generated images.
@@ -843,11 +991,13 @@ class Data:
     pipeline: str              # "tensor" or "pil", as chosen by --pipeline auto
 
 
-def build_data(args):
+def build_data(args, rank=0, world_size=1):
     """The pretraining loader (two augmented views per image) and clean loaders for evaluation:
     the tensor pipeline (tensor_pipeline.py: uint8 images on the training device, augmented in
     batches) when it is beside this file and the dataset fits in memory, else torchvision's PIL
-    transforms in DataLoader workers (--pipeline). Reads args, changes nothing; returns Data."""
+    transforms in DataLoader workers (--pipeline). Reads args, changes nothing; returns Data.
+    Under torchrun the pretraining loader yields process `rank`'s share of every global batch of
+    --batch-size, with the images and views one process gives that slice."""
     source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size, args.skip_bad_images)
     if args.pipeline != "pil":
         try:
@@ -858,7 +1008,7 @@ def build_data(args):
             print("data: tensor_pipeline.py is not beside common.py; using the PIL pipeline")
         else:
             data = tensor_pipeline.build_data(source, args.pipeline, args.augmentations, args.batch_size,
-                                              torch.device(args.device))
+                                              torch.device(args.device), rank, world_size)
             if data is not None:
                 return data
 
@@ -869,14 +1019,53 @@ def build_data(args):
     eval_train_set, eval_test_set = source.make("train", clean), source.make("test", clean)
     if len(pretrain_set) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
+    generator = torch.Generator().manual_seed(args.seed)  # the order and every image's seed; set_data_epoch reseeds it
     train_loader = torch.utils.data.DataLoader(
-        pretrain_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed), **loader_kwargs(args.num_workers, args.device))
+        SeededImages(pretrain_set), batch_sampler=GlobalBatches(len(pretrain_set), args.batch_size, rank, world_size,
+                                                                generator),
+        generator=generator, **loader_kwargs(args.num_workers, args.device))
     eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
         dataset, batch_size=512, shuffle=False, generator=torch.Generator(),  # leaves the global RNG alone
         **loader_kwargs(args.num_workers, args.device))
     return Data(train_loader, eval_loader(eval_train_set), eval_loader(eval_test_set), len(eval_train_set.classes),
                 source.image_size, source.mean, source.std, "pil")
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """The PIL pipeline's batches, as lists of (image index, seed of its views): the epoch's order and one
+    seed per position drawn from `generator` (the same in every process), then process `rank`'s slice of
+    each global batch; the last partial batch is dropped. The views depend neither on the number of
+    processes nor on the loader's workers."""
+
+    def __init__(self, num_images, batch_size, rank, world_size, generator):
+        self.num_images, self.batch_size, self.generator = num_images, batch_size, generator
+        share = batch_size // world_size
+        self.part = slice(rank * share, (rank + 1) * share)
+
+    def __len__(self):
+        return self.num_images // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(self.num_images, generator=self.generator).tolist()
+        seeds = torch.randint(2**62, (self.num_images,), generator=self.generator).tolist()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield [(order[i], seeds[i]) for i in range(start, start + self.batch_size)[self.part]]
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """dataset[(index, seed)] is dataset[index] with its transform's random draws seeded by seed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):  # leaves the process's own random stream alone
+            torch.default_generator.manual_seed(seed)  # the CPU generator torchvision's transforms draw from
+            return self.dataset[index]
 
 
 def set_data_epoch(train_loader, seed, epoch):
@@ -996,13 +1185,15 @@ class RunLogger:
     """
 
     def __init__(self, run_dir, epochs, steps_per_epoch, batch_size, log_every):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.path = run_dir and os.path.join(run_dir, "metrics.jsonl")  # None: a torchrun process other than rank 0
         self.epochs, self.steps_per_epoch, self.batch_size = epochs, steps_per_epoch, batch_size
         self.log_every = log_every
         self.total_steps = epochs * steps_per_epoch
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def write(self, record):
+        if not self.path:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -1021,6 +1212,7 @@ class RunLogger:
             name: float(value.detach() if torch.is_tensor(value) else value)  # tensors: a host sync, once a window
             for name, value in terms.items()
         }
+        values = mean_over_processes(values)  # torchrun: every process's terms averaged, those of the global batch
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
                 f"Lower --base-lr or use --precision fp32; the last checkpoint is kept", code=1)
@@ -1070,17 +1262,18 @@ def end_of_epoch(run, epoch, global_step):
     """Checkpoint (and after the last epoch backbone.pt), then evaluate every --eval-every epochs
     and at the end, with the linear probe at the end. Returns the evaluation, or None."""
     started, last, results = time.perf_counter(), epoch + 1 == run.args.epochs, None
-    save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch + 1,
-                    global_step, run.args)
-    if last:
-        atomic_save(run.model["backbone"].state_dict(), os.path.join(run.run_dir, "backbone.pt"))
-    if (epoch + 1) % run.args.eval_every == 0 or last:
-        results = evaluate(run.model, run.data, run.device, linear=last)
-        run.log.evaluation(epoch, global_step, results)
-    if last:
-        run.log.summary(results)
-        print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
-    else:
+    if run.run_dir is not None:  # torchrun: rank 0 alone saves and evaluates; the others wait for it below
+        save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch + 1,
+                        global_step, run.args)
+        if last:
+            atomic_save(run.model["backbone"].state_dict(), os.path.join(run.run_dir, "backbone.pt"))
+        if (epoch + 1) % run.args.eval_every == 0 or last:
+            results = evaluate(run.model, run.data, run.device, linear=last)
+            run.log.evaluation(epoch, global_step, results)
+        if last:
+            run.log.summary(results)
+            print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
+    if not last:
         stop_if_signalled(run, epoch + 1, global_step)  # a signal during the evaluation
     run.log.exclude(time.perf_counter() - started)
     return results
@@ -1110,6 +1303,8 @@ def epoch_batches(train_loader, seed, epoch, global_step):
 
 
 def resume_hint(run):
+    if run.run_dir is None:  # torchrun: rank 0 says it
+        return "see the first process's message"
     path = os.path.join(run.run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return f"no checkpoint was written yet: delete {run.run_dir} and start again"
@@ -1138,8 +1333,8 @@ def stop_safely(run):
     try:
         yield
     except Exception as exc:
-        with contextlib.suppress(OSError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
-            traceback.print_exc(file=f)
+        with contextlib.suppress(OSError, TypeError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
+            traceback.print_exc(file=f)  # TypeError: no run folder (torchrun, not rank 0)
         message = (str(exc).strip().splitlines() or [""])[-1]  # a DataLoader worker's error ends with the cause
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             what = (f"out of memory on {run.args.device}; free the GPU (another process?) and resume, or start over "
@@ -1163,9 +1358,11 @@ def stop_if_signalled(run, epoch, global_step):
     if hook and int(hook[0]) == global_step:
         for name in hook[1:]:
             os.kill(os.getpid(), getattr(signal, name))
-    if not SIGNALLED:
+    signum = signalled_anywhere(SIGNALLED[0] if SIGNALLED else 0)  # torchrun: every process stops at this step
+    if not signum:
         return
-    save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch,
-                    global_step, run.args)
-    print(f"error: stopped by {signal.Signals(SIGNALLED[0]).name}; {resume_hint(run)}", file=sys.stderr)
-    raise SystemExit(128 + SIGNALLED[0])
+    if run.run_dir is not None:
+        save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch,
+                        global_step, run.args)
+        print(f"error: stopped by {signal.Signals(signum).name}; {resume_hint(run)}", file=sys.stderr)
+    raise SystemExit(128 + signum)

@@ -8,6 +8,7 @@ Usage:
     python intl.py --dataset cifar10                     # reference recipe: 1000 epochs, one GPU
     python intl.py --dataset folder --data-dir DIR       # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python intl.py --resume runs/NAME/checkpoint.pt      # continue a run where it stopped
+    torchrun --standalone --nproc_per_node 8 intl.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are the authors' CIFAR-10 configuration (winci-ai/INTL) behind 92.60% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse
@@ -17,10 +18,11 @@ import torch
 import torch.nn as nn
 
 from common import (
-    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
-    build_data, build_optimizer, effective_rank, end_of_epoch, epoch_batches, evaluate, online_probe_loss,
-    optimizer_step, parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume,
-    seed_everything, set_lr, stop_if_signalled, stop_safely, warmup_cosine,
+    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast,
+    build_backbone, build_data, build_optimizer, effective_rank, end_of_epoch, epoch_batches, evaluate, gather,
+    online_probe_loss, optimizer_step, parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp,
+    resume, seed_everything, set_lr, start_processes, stop_if_signalled, stop_safely, sync_batch_norm,
+    warmup_cosine,
 )
 
 METHOD = "intl"
@@ -95,7 +97,10 @@ def intl_loss(z1, z2, iters=4, axis=0, beta=None):
         loss = (2 - 2 mean_i cos(z^1_i, z^2_i)) + beta (TL(Z^1) + TL(Z^2))
     with no stop-gradient. beta defaults to 0.01 (log2(N) - 3) for axis 0 (0.05 at batch 256) and
     0.01 (log2(D) - 3) for axis 1, the authors' rule. z1, z2: (N, D) projections;
-    returns (loss, the alignment and trace terms detached for logging)."""
+    returns (loss, the alignment and trace terms detached for logging). Under torchrun, as the
+    authors' code, IterNorm whitens the global batch (gathered from every process, gradients flowing
+    back: common.gather) and N in beta is the global batch."""
+    z1, z2 = gather(z1), gather(z2)                                           # (N, D) each, all processes
     n, d = z1.shape
     if beta is None:
         beta = 0.01 * (math.log2(n if axis == 0 else d) - 3)
@@ -122,13 +127,14 @@ def spectrum_stats(z, iters=4, axis=0):
 
 
 def main(args):
-    # TRY NOT TO MODIFY: seeding, data, run folder
-    seed_everything(args.seed)
+    # TRY NOT TO MODIFY: processes (torchrun starts N, python one), seeding, data, run folder
+    rank, args.world_size = start_processes(args.device, args.batch_size)  # (0, 1) without torchrun
+    seed_everything(args.seed)                                           # the same initial weights everywhere
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    data = build_data(args)
+    data = build_data(args, rank, args.world_size)                       # this process's share of each batch
     args.image_size, args.pipeline = data.image_size, data.pipeline  # what auto chose, stored with the run
-    run_dir = prepare_run_dir(args)
+    run_dir = prepare_run_dir(args) if rank == 0 else None              # rank 0 evaluates, logs and saves
 
     # ALGO LOGIC: model
     backbone, feature_dim = build_backbone(args.arch, data.image_size, args.stem_padding)
@@ -139,6 +145,8 @@ def main(args):
     # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, logging
     model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
+    if args.world_size > 1:  # BatchNorm statistics of the global batch, as one process's (google-research/simclr#114)
+        sync_batch_norm(model)
     prepare_model(model, device, args.compile)                          # channels_last on a GPU, --compile
     peak_lr = args.base_lr * args.batch_size / 256                      # the linear scaling rule
     optimizer = build_optimizer(args.optimizer, model, peak_lr, args.weight_decay, args.probe_lr)
@@ -153,7 +161,7 @@ def main(args):
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
 
     with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
-        if global_step == 0:                                            # the untrained backbone, logged as epoch 0
+        if global_step == 0 and rank == 0:                              # the untrained backbone, logged as epoch 0
             log.evaluation(-1, 0, evaluate(model, data, device))
         for epoch in range(start_epoch, args.epochs):
             model.train()
@@ -171,7 +179,7 @@ def main(args):
                 )  # whitening in fp32
                 terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
                 if log.due(global_step + 1):                                     # watch the spectrum being modulated
-                    terms.update(spectrum_stats(z1.float(), args.iters, args.axis))
+                    terms.update(spectrum_stats(gather(z1.float()), args.iters, args.axis))  # the global batch
 
                 # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
                 probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone

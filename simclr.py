@@ -6,6 +6,7 @@ Usage:
     python simclr.py --dataset cifar10                   # reference recipe: 1000 epochs, one GPU
     python simclr.py --dataset folder --data-dir DIR     # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
     python simclr.py --resume runs/NAME/checkpoint.pt    # continue a run where it stopped
+    torchrun --standalone --nproc_per_node 8 simclr.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are solo-learn's CIFAR configuration behind 90.74% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse
@@ -14,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from common import (
-    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast, build_backbone,
-    build_data, build_optimizer, end_of_epoch, epoch_batches, evaluate, online_probe_loss, optimizer_step,
-    parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume, seed_everything, set_lr,
-    stop_if_signalled, stop_safely, warmup_cosine,
+    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast,
+    build_backbone, build_data, build_optimizer, end_of_epoch, epoch_batches, evaluate, gather, online_probe_loss,
+    optimizer_step, parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp, resume,
+    seed_everything, set_lr, start_processes, stop_if_signalled, stop_safely, sync_batch_norm, warmup_cosine,
 )
 
 METHOD = "simclr"
@@ -48,7 +49,9 @@ def nt_xent_loss(z1, z2, temperature=0.2):
     """NT-Xent, eq. (1) of the paper, averaged over all 2N anchors:
         l(i, j) = -log( exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau) ),  s = cosine similarity,
     where j is the other view of anchor i's image and the other 2N - 2 views are negatives.
-    z1, z2: (N, D) projections of the two views; returns a scalar."""
+    z1, z2: (N, D) projections of the two views; returns a scalar. Under torchrun, N is the global
+    batch: every process gathers all processes' projections (gradients flow back, see common.gather)."""
+    z1, z2 = gather(z1), gather(z2)                                           # (N, D) each, all processes
     n = z1.shape[0]
     z = nn.functional.normalize(torch.cat([z1, z2]), dim=1)                  # (2N, D), unit rows
     logits = z @ z.T / temperature                                            # (2N, 2N), s_ik / tau
@@ -60,13 +63,14 @@ def nt_xent_loss(z1, z2, temperature=0.2):
 
 
 def main(args):
-    # TRY NOT TO MODIFY: seeding, data, run folder
-    seed_everything(args.seed)
+    # TRY NOT TO MODIFY: processes (torchrun starts N, python one), seeding, data, run folder
+    rank, args.world_size = start_processes(args.device, args.batch_size)  # (0, 1) without torchrun
+    seed_everything(args.seed)                                           # the same initial weights everywhere
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    data = build_data(args)
+    data = build_data(args, rank, args.world_size)                       # this process's share of each batch
     args.image_size, args.pipeline = data.image_size, data.pipeline  # what auto chose, stored with the run
-    run_dir = prepare_run_dir(args)
+    run_dir = prepare_run_dir(args) if rank == 0 else None              # rank 0 evaluates, logs and saves
 
     # ALGO LOGIC: model
     backbone, feature_dim = build_backbone(args.arch, data.image_size, args.stem_padding)
@@ -78,6 +82,8 @@ def main(args):
     # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, logging
     model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
+    if args.world_size > 1:  # BatchNorm statistics of the global batch, as one process's (google-research/simclr#114)
+        sync_batch_norm(model)
     prepare_model(model, device, args.compile)                          # channels_last on a GPU, --compile
     peak_lr = args.base_lr * args.batch_size / 256                      # the linear scaling rule
     optimizer = build_optimizer(args.optimizer, model, peak_lr, args.weight_decay, args.probe_lr)
@@ -92,7 +98,7 @@ def main(args):
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
 
     with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
-        if global_step == 0:                                            # the untrained backbone, logged as epoch 0
+        if global_step == 0 and rank == 0:                              # the untrained backbone, logged as epoch 0
             log.evaluation(-1, 0, evaluate(model, data, device))
         for epoch in range(start_epoch, args.epochs):
             model.train()

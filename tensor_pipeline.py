@@ -191,15 +191,21 @@ class BatchedView:
         self.kernel_size = blur_kernel_size(crop_size)
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
 
-    def __call__(self, images, generator):
-        num, _, height, width = images.shape
-        coin = lambda p: torch.rand(num, generator=generator, device=generator.device) < p  # noqa: E731
-        top, left, h, w = sample_crop_boxes(num, height, width, self.crop_scale, self.ratio, generator)
+    def __call__(self, images, generator, start=0, num=None):
+        """images: (b, 3, H, W), images [start, start + b) of a global batch of num (default b) images. The
+        parameters of all num images are drawn, the same in every process, and those of the slice applied
+        (torchrun: each process augments its own share, with the draws one process would give it)."""
+        mine = slice(start, start + len(images))
+        num, (_, _, height, width) = num or len(images), images.shape
+        coin = lambda p: (torch.rand(num, generator=generator, device=generator.device) < p)[mine]  # noqa: E731
+        top, left, h, w = (t[mine] for t in sample_crop_boxes(num, height, width, self.crop_scale, self.ratio,
+                                                               generator))
         x = resized_crop(images.float() / 255, top, left, h, w, self.crop_size, flip=coin(self.flip_p))
-        x = color_jitter(x, sample_color_jitter(num, *self.jitter, generator))
+        jitter = sample_color_jitter(num, *self.jitter, generator)
+        x = color_jitter(x, SimpleNamespace(**{name: draws[mine] for name, draws in vars(jitter).items()}))
         x = torch.where(coin(self.gray_p)[:, None, None, None], grayscale(x).expand_as(x), x)
         if self.blur_p > 0:
-            sigma = uniform(0.1, 2.0, num, generator)
+            sigma = uniform(0.1, 2.0, num, generator)[mine]
             x = torch.where(coin(self.blur_p)[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
         if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
             x = torch.where(coin(self.solarize_p)[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
@@ -215,11 +221,14 @@ class TensorTwoViewLoader:
     """The tensor pipeline's pretraining loader: shuffled batches of uint8 images (N, 3, H, W) held
     on `device`, each turned into two views by BatchedView with its own draws, dropping the last
     partial batch. Yields ((x1, x2), labels) like the PIL path's DataLoader. `generator`, on the same
-    device, draws the order and the augmentations; set_data_epoch reseeds it every epoch."""
+    device, draws the order and the augmentations; set_data_epoch reseeds it every epoch. With torchrun,
+    process `rank` of world_size yields its slice of every global batch of batch_size, the same draws."""
 
-    def __init__(self, images, labels, view1, view2, batch_size, device):
+    def __init__(self, images, labels, view1, view2, batch_size, device, rank=0, world_size=1):
         self.images, self.labels, self.view1, self.view2 = images, labels.to(device), view1, view2
         self.batch_size, self.device = batch_size, device
+        self.share = batch_size // world_size
+        self.start = rank * self.share
         self.generator = torch.Generator(device)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
@@ -229,10 +238,11 @@ class TensorTwoViewLoader:
     def __iter__(self):
         order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
         for batch in order[:len(self) * self.batch_size].view(len(self), self.batch_size):
-            images = self.images[batch]                                             # (B, 3, H, W) uint8
-            x1, x2 = (view(images, self.generator).contiguous(memory_format=self.memory_format)
-                      for view in (self.view1, self.view2))
-            yield (x1, x2), self.labels[batch]
+            mine = batch[self.start:self.start + self.share]                       # this process's slice
+            images = self.images[mine]                                              # (B / N, 3, H, W) uint8
+            x1, x2 = (view(images, self.generator, self.start, self.batch_size).contiguous(
+                      memory_format=self.memory_format) for view in (self.view1, self.view2))
+            yield (x1, x2), self.labels[mine]
 
 
 class TensorEvalLoader:
@@ -334,9 +344,9 @@ def split_arrays(source, split):
     return dataset.data, np.asarray(dataset.targets, dtype=np.int64), dataset.classes
 
 
-def build_data(source, pipeline, augmentations, batch_size, device):
+def build_data(source, pipeline, augmentations, batch_size, device, rank=0, world_size=1):
     """common.Data with the tensor pipeline's loaders, or None when the dataset does not fit in
-    memory and pipeline is 'auto' (the caller then uses the PIL pipeline)."""
+    memory and pipeline is 'auto' (the caller then uses the PIL pipeline). rank, world_size: torchrun's."""
     splits = {}
     for split in ("train", "test", "pretrain"):  # pretrain is the train split, except STL-10's (train + unlabeled)
         same = split == "pretrain" and source.name != "stl10"
@@ -356,7 +366,7 @@ def build_data(source, pipeline, augmentations, batch_size, device):
     on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
     size, mean, std = source.image_size, source.mean, source.std
     view1, view2 = (BatchedView(size, mean, std, **view) for view in recipe_settings(augmentations, size))
-    train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device)
+    train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size)
     eval_loader = lambda split: TensorEvalLoader(*on_device[split], size, mean, std, device)  # noqa: E731
     megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
     print(
