@@ -1169,8 +1169,10 @@ def test_method_scripts_and_eval_linear_run_end_to_end(tmp_path, method):
         online = {k: v for k, v in model.items() if k.startswith(("backbone.", "projector.", "predictor."))}
         target = {k: v for k, v in model.items() if k.startswith("target.")}
         assert set(target) == {"target." + k for k in online if not k.startswith("predictor.")}
-        # the optimiser holds momentum for the online parameters only: the target gets no gradient
-        trainable = [v for k, v in online.items() if v.is_floating_point() and "running_" not in k]
+        # the optimiser holds momentum for the online network and the online probe only: the target gets none
+        trained = ("backbone.", "projector.", "predictor.", "online_probe.")
+        trainable = [v for k, v in model.items()
+                     if k.startswith(trained) and v.is_floating_point() and "running_" not in k]
         assert len(checkpoint["optimizer"]["state"]) == len(trainable)
         # the target moved (EMA) but is not the online network
         weight = (
