@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-gpu_out}
-EPOCHS=${EPOCHS:-20}
+EPOCHS=${EPOCHS:-15}
 BATCH=${BATCH:-512}
 PARALLEL=${PARALLEL:-4}
 STEPS=${STEPS:-20}
@@ -29,8 +29,8 @@ data=(--dataset "$DATASET")
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"; \
   "$PYTHON" -c "import torch; print('torch', torch.__version__)"; git rev-parse --short HEAD 2>/dev/null || true; \
   date -u +%F; } > "$OUT/machine.txt"
-timeout 240 "$PYTHON" bench.py speed --arch "$ARCH" --synthetic-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --skip pil \
+timeout 180 "$PYTHON" bench.py speed --arch "$ARCH" --synthetic-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --skip pil \
     --peak-tflops "$PEAK" --profile --out "$OUT/bench_speed.json" > "$OUT/bench_speed.txt" 2>&1 || echo "bench: exit $?"
-timeout 300 "$PYTHON" reproduce.py "${data[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --parallel "$PARALLEL" \
+timeout 330 "$PYTHON" reproduce.py "${data[@]}" --epochs "$EPOCHS" --batch-size "$BATCH" --parallel "$PARALLEL" \
     --out "$OUT/reproduce" > "$OUT/reproduce.txt" 2>&1 || echo "reproduce: exit $?"
 tail -n 12 "$OUT/bench_speed.txt" "$OUT/reproduce.txt"
