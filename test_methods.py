@@ -1748,6 +1748,7 @@ def test_folder_cache_goes_to_home_when_the_data_is_read_only(tmp_path, monkeypa
     assert len(list((tmp_path / "home" / ".cache" / "ssl-spectrum").rglob("train-uint8-*.npz"))) == 1
 
 
+@pytest.mark.slow  # a learning check, like test_method_learns_on_synthetic: minutes on 2 cores
 def test_tensor_pipeline_learns_as_well_as_the_pil_pipeline(tmp_path, monkeypatch):
     """INTL, same seed and budget, each pipeline: kNN far above the untrained convnet's (16.0% on
     this set, eval_linear.py --random-init) and within noise of each other (measured 53.0% tensor,
