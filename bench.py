@@ -29,8 +29,8 @@ import byol
 import intl
 import simclr
 import vicreg
-from common import Bounded, OrthogonalityRegularizer, autocast, build_backbone, build_data, build_optimizer, \
-    optimizer_step, parse_or_die, positive_int, projection_mlp, resolve_device, resolve_precision
+from common import Bounded, OrthogonalityRegularizer, atomic_write, autocast, build_backbone, build_data, \
+    build_optimizer, optimizer_step, parse_or_die, positive_int, projection_mlp, resolve_device, resolve_precision
 from simclr import nt_xent_loss
 
 METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
@@ -55,7 +55,10 @@ def parse_args(argv=None):
                         help="untimed steps first; --compile needs more (default: %(default)s)")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="autocast dtype (default: %(default)s = bf16 on a GPU, fp32 on the CPU)")
-    parser.add_argument("--compile", action="store_true", help="speed: torch.compile the backbones, as the method flag")
+    parser.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        default=None, metavar="MODE", help="speed: torch.compile the backbones, as the method flag")
+    parser.add_argument("--overlap", action="store_true",
+                        help="speed: augment the next batch while the step runs, as the method flag")
     parser.add_argument("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
                         help="speed: DataLoader workers of the PIL pipeline (default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -165,13 +168,15 @@ class TimedLoader:
 def method_args(module, args, run_dir, pipeline):
     # the reference recipe's optimiser on any dataset (BYOL's offline check has its own: SGD)
     reference = module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
-    return module.parse_args(["--optimizer", reference.optimizer, "--base-lr", str(reference.base_lr), "--weight-decay",
-                              str(reference.weight_decay), "--dataset", args.dataset, "--data-dir", args.data_dir,
-                              "--synthetic-size", str(args.synthetic_size), "--arch", args.arch, "--batch-size",
-                              str(args.batch_size), "--epochs", "1", "--precision", args.precision, "--device",
-                              args.device, "--num-workers", str(args.num_workers), "--pipeline", pipeline,
-                              "--log-every", "1000000", "--out-dir", run_dir, "--run-name",
-                              f"{module.METHOD}-{pipeline}"] + (["--compile"] if args.compile else []))
+    margs = module.parse_args(
+        ["--optimizer", reference.optimizer, "--base-lr", str(reference.base_lr), "--weight-decay",
+         str(reference.weight_decay), "--dataset", args.dataset, "--data-dir", args.data_dir, "--synthetic-size",
+         str(args.synthetic_size), "--arch", args.arch, "--batch-size", str(args.batch_size), "--epochs", "1",
+         "--precision", args.precision, "--device", args.device, "--num-workers", str(args.num_workers), "--pipeline",
+         pipeline, "--log-every", "1000000", "--out-dir", run_dir, "--run-name", f"{module.METHOD}-{pipeline}"]
+        + (["--compile", args.compile] if args.compile else []) + (["--overlap"] if args.overlap else []))
+    margs.blur_p = reference.blur_p  # the recipe's blur, also on the synthetic set (whose offline check has none)
+    return margs
 
 
 def time_main(module, margs, data, warmup, steps, ready):
@@ -223,7 +228,8 @@ def profile_summary(module, margs, data, steps, device, rows=8):
 def bench_speed(args):
     device = torch.device(args.device)
     results = {**hardware(device), "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
-               "compile": args.compile, "dataset": args.dataset, "num_workers": args.num_workers, "methods": {}}
+               "compile": args.compile, "overlap": args.overlap, "dataset": args.dataset,
+               "num_workers": args.num_workers, "methods": {}}
     for name in args.methods:
         module, row = METHODS[name], {}
         with tempfile.TemporaryDirectory() as run_dir:
@@ -254,12 +260,14 @@ def bench_speed(args):
                 row["data_per_core"] = row["data"] / torch.get_num_threads()
                 row["pil_per_core"] = row["pil"] / max(1, args.num_workers)
         results["methods"][name] = row
+        write_json(results, args.out)  # after every method: a run stopped by a time limit keeps what it measured
     return results
 
 
 def print_speed(results):
     where = results["gpu"] or f"{results['cpu']} CPU, {results['threads']} threads"
-    compiled = ", compiled" if results["compile"] else ""
+    compiled = f", --compile {results['compile']}" if results["compile"] else ""
+    compiled += ", --overlap" if results.get("overlap") else ""
     print(f"{results['arch']}, batch {results['batch_size']}, {results['precision']}{compiled}, {results['dataset']}, "
           f"on {where} (commit {results['commit']})")
     print(f"images/s (each image two views); PIL pipeline with {results['num_workers']} DataLoader workers")
@@ -294,11 +302,14 @@ def print_ortho(results):
               f"{'—' if share is None else f'{100 * share:.1f}%'} |")
 
 
+def write_json(results, path):
+    atomic_write(path, "w", lambda f: json.dump(results, f, indent=2))
+
+
 def main(args):
     results = bench_speed(args) if args.what == "speed" else bench_ortho(args)
     (print_speed if args.what == "speed" else print_ortho)(results)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, args.out)
     print(f"wrote {args.out}")
 
 

@@ -1,14 +1,12 @@
 # What every method file shares, in the order a reader of a method file needs it: the backbone and
 # heads, the augmentation recipes, the orthogonality penalties, optimisation and evaluation; then,
-# below the PLUMBING banner, flags, data loading, checkpoints and logging. It imports nothing else
+# below the PLUMBING banner, flags, data loading, checkpoints and logging. It needs no other file
 # from the project: a method file plus this one, copied into another project, train on an
-# ImageFolder tree or torchvision's datasets. Two optional modules beside it add speed and an
-# offline data set: tensor_pipeline.py (batched augmentation on the GPU) and synthetic.py.
+# ImageFolder tree or torchvision's datasets. Optional modules beside it add speed, an offline data
+# set and torchrun: tensor_pipeline.py (batched augmentation on the GPU), synthetic.py, distributed.py.
 import argparse
-import atexit
 import contextlib
 import dataclasses
-import datetime
 import itertools
 import json
 import math
@@ -22,7 +20,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -120,17 +117,20 @@ AUGMENTATION_RECIPES = {
 AUGMENTATIONS = tuple(AUGMENTATION_RECIPES)
 
 
-def recipe_settings(name, crop_size):
-    """The keyword settings of each view of a named recipe, for images of crop_size pixels."""
+def recipe_settings(name, crop_size, blur_p=None):
+    """The keyword settings of each view of a named recipe, for images of crop_size pixels; blur_p, when
+    given (--blur-p), replaces the blur probability of both views."""
     view1, view2 = (dict(settings) for settings in AUGMENTATION_RECIPES[name])
     if crop_size > 64 and view1 != view2:  # the asymmetric pair blurs only above 64 px (solo-learn)
         view1["blur_p"], view2["blur_p"] = 1.0, 0.1
+    if blur_p is not None:
+        view1["blur_p"] = view2["blur_p"] = blur_p
     return view1, view2
 
 
-def augmentation_recipe(name, crop_size, mean, std):
+def augmentation_recipe(name, crop_size, mean, std, blur_p=None):
     """The two PIL view transforms of a named recipe, for images of crop_size pixels."""
-    return tuple(view_transform(crop_size, mean, std, **view) for view in recipe_settings(name, crop_size))
+    return tuple(view_transform(crop_size, mean, std, **view) for view in recipe_settings(name, crop_size, blur_p))
 
 
 def eval_transform(image_size, mean, std):
@@ -532,6 +532,8 @@ def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_de
         help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
     add("--augmentations", choices=AUGMENTATIONS, default=augmentations,
         help="named two-view recipe of the published configs, see README (default: %(default)s)")
+    add("--blur-p", type=Bounded(float, ge=0, le=1), default=None,
+        help="probability of the Gaussian blur on both views, replacing the recipe's (default: the recipe's)")
     add("--probe-lr", type=Bounded(float, gt=0), default=probe_lr,
         help="peak lr of the online linear probe, not scaled by the batch, no weight decay (default: %(default)s)")
 
@@ -553,6 +555,9 @@ def add_common_args(parser):
              "pil: torchvision transforms in DataLoader workers; auto: tensor when it fits (default: %(default)s)")
     add("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
         help="data loading processes of the pil pipeline (default: %(default)s, the CPU threads up to 8)")
+    add("--overlap", action="store_true",
+        help="tensor pipeline: augment the next batch while this step runs (on a GPU, on a side CUDA stream); the "
+             "same batches either way (default: off)")
     add("--skip-bad-images", action="store_true",
         help="train without the unreadable images of a --dataset folder (default: stop and list them)")
     add = parser.add_argument_group("run").add_argument
@@ -561,7 +566,9 @@ def add_common_args(parser):
     add("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s: bf16 on a GPU, else fp32)")
-    add("--compile", action="store_true", help="torch.compile the backbone (slow start, faster steps on a GPU)")
+    add("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"), default=None,
+        metavar="MODE", help="torch.compile the backbone (slow start, faster steps on a GPU); MODE default, "
+                             "reduce-overhead (CUDA graphs) or max-autotune (default: off; MODE default: default)")
     add("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0,
         help="seeds python, numpy, torch and the data order (default: %(default)s)")
     add("--eval-every", type=positive_int, default=None,
@@ -608,7 +615,8 @@ def parse_run_args(parser, argv, method, offline_check):
             die(f"{args.resume} is not a {method}.py training checkpoint "
                 f"(written by {stored.get('method', 'something else')}); resume it with that script")
         older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False,  # runs saved before these flags existed
-                 "pipeline": "pil", "compile": False, "stem_padding": 1, "skip_bad_images": False}
+                 "pipeline": "pil", "compile": None, "overlap": False, "blur_p": None, "stem_padding": 1,
+                 "skip_bad_images": False}
         args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
     else:
         if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
@@ -690,159 +698,42 @@ def seed_worker(worker_id):
         signal.signal(signum, signal.SIG_IGN)      # finishes its step and stops the workers itself
 
 
-def prepare_model(model, device, compile=False):
+def prepare_model(model, device, compile=None):
     """The GPU fast path: channels_last weights (with channels_last inputs, cuDNN's tensor-core
-    kernels need no layout changes) and, with --compile, every backbone compiled in place (state
-    dict names unchanged, so checkpoints load with or without it)."""
+    kernels need no layout changes) and, with --compile MODE, every backbone compiled in place in that
+    torch.compile mode (state dict names unchanged, so checkpoints load with or without it)."""
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     if compile:
         for name, module in model.named_modules():
             if name.endswith("backbone"):
-                module.compile()
+                module.compile(mode="default" if compile is True else compile)  # True: a run saved before MODE
     return model
 
 
 # ---- Many processes: torchrun --nproc_per_node N METHOD.py, the same steps as one process ----------
-# torchrun starts N copies of the script with RANK, LOCAL_RANK and WORLD_SIZE set. Each takes batch / N
-# images of every global batch (build_data); the losses gather what they need over the global batch
-# (gather), BatchNorm is synchronised (sync_batch_norm) and gradients are averaged (optimizer_step). Rank 0
-# alone evaluates, logs and saves. python METHOD.py is one process: every function here then does nothing.
-PROCESS_TIMEOUT = datetime.timedelta(minutes=30)  # longer than rank 0's evaluations, which the others wait for
+# distributed.py (optional, beside this file) holds the torchrun plumbing; without it, or in one process,
+# gather, average_gradients, sync_batch_norm, mean_over_processes and signalled_anywhere change nothing.
+try:
+    from distributed import (average_gradients, gather, join_processes, mean_over_processes, signalled_anywhere,
+                             sync_batch_norm)
+except ImportError:
+    join_processes = None
+    gather = sync_batch_norm = mean_over_processes = signalled_anywhere = lambda x: x  # noqa: E731
+    average_gradients = lambda optimizer: None  # noqa: E731
 
 
 def start_processes(device, batch_size):
-    """(rank, number of processes): (0, 1) without torchrun. Under torchrun: joins the process group (NCCL on
-    GPUs, one per process; gloo on CPUs), leaves stdout to rank 0, and makes a collective that fails because
-    another process died one line on rank 0 (torchrun stops the rest of the run)."""
+    """(rank, number of processes): (0, 1) without torchrun; under torchrun, distributed.join_processes."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         print("1 process trains (torchrun --nproc_per_node N runs N, README: Many GPUs)")
         return 0, 1
+    if join_processes is None:
+        die("torchrun needs distributed.py beside common.py; copy it there, or run python METHOD.py (one process)")
     if batch_size % world_size:
         die(f"--batch-size {batch_size} is the global batch and must divide among the {world_size} processes")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" is then this process's GPU
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=PROCESS_TIMEOUT)
-    atexit.register(dist.destroy_process_group)
-    rank = dist.get_rank()
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # one process speaks; errors still reach stderr
-
-    def stopped(kind=None, error=None, trace=None):  # a collective failed, or torchrun stops us (SIGTERM)
-        lost = kind is None or issubclass(kind, dist.DistError) or any(  # gloo's lost peer is a RuntimeError
-            word in str(error) for word in ("gloo", "NCCL", "Connection closed by peer"))
-        if not lost:
-            return sys.__excepthook__(kind, error, trace)
-        if rank == 0 and not stopped.said:
-            print("error: the run stops here: another process died or stopped answering, or torchrun was stopped "
-                  "(its report below says which)", file=sys.stderr, flush=True)
-        stopped.said = True
-        if kind is None:  # at once, even mid-exit: torchrun's report follows
-            sys.stdout.flush()
-            os._exit(1)
-    stopped.said = False
-    sys.excepthook = stopped
-    signal.signal(signal.SIGTERM, lambda *_: stopped())
-    print(f"{world_size} processes train ({dist.get_backend()}, {os.environ.get('LOCAL_WORLD_SIZE', '?')} per "
-          f"machine), each on {batch_size // world_size} images of every global batch of {batch_size}")
-    return rank, world_size
-
-
-def gather(x):
-    """x (b, ...) of each of the N processes -> (N b, ...) in rank order, on every process; x in one process.
-    The gradient flows back: the backward sums every process's gradient of the gathered tensor and gives
-    each process that of its own x (torch.distributed.all_gather has none). So a loss L of the global batch,
-    computed by every process, gives each process's x the gradient N dL/dx, and averaging the parameters'
-    gradients over the N processes (optimizer_step) gives dL/dparameters: one process's step, without
-    rescaling the loss. A mean over local samples works too: its N copies sum to N times the global mean."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    return AllGather.apply(x)
-
-
-class AllGather(torch.autograd.Function):
-    """gather's all-gather and its backward: the sum over processes of the gathered gradient, this process's part."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd's may be shared: sum a copy
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def average_gradients(optimizer):
-    """Each gradient becomes its mean over the processes (one all-reduce of them all, as DDP's buckets)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    flat = torch.cat([g.flatten() for g in grads]) / dist.get_world_size()
-    dist.all_reduce(flat)
-    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
-
-
-def signalled_anywhere(signum):
-    """The largest signal number any process received (0: none); signum itself in one process. Under
-    torchrun this is a collective after every step (one integer: a host sync)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return signum
-    flag = torch.tensor([signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def mean_over_processes(values):
-    """A dict of floats averaged over the processes (logged terms); itself in one process."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return dict(zip(values, (total / dist.get_world_size()).tolist()))
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm over the global batch for processes on CPUs, where nn.SyncBatchNorm does not run: the
-    per-channel sums are all-reduced with their gradient (the same maths as nn.SyncBatchNorm's)."""
-
-    def _check_input_dim(self, x):
-        pass
-
-    def forward(self, x):
-        if not self.training:
-            return super().forward(x)
-        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)  # every axis but the channels
-        count = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = gather(x.sum(dims)[None]).sum(0) / count                         # (C,)
-        centred = x - mean.view(shape)
-        var = gather(centred.pow(2).sum(dims)[None]).sum(0) / count              # (C,) biased, to normalise
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as nn.BatchNorm
-        return centred * torch.rsqrt(var + self.eps).view(shape) * self.weight.view(shape) + self.bias.view(shape)
-
-
-def sync_batch_norm(module):
-    """Every BatchNorm in module, replaced in place by one with the statistics of the global batch:
-    nn.SyncBatchNorm on a GPU, GlobalBatchNorm on the CPU. Same state dict names, so checkpoints load
-    with any number of processes."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            cls = nn.SyncBatchNorm if child.weight.is_cuda else GlobalBatchNorm
-            synced = cls(child.num_features, child.eps, child.momentum).to(child.weight.device, child.weight.dtype)
-            synced.load_state_dict(child.state_dict())
-            setattr(module, name, synced)
-        else:
-            sync_batch_norm(child)
-    return module
+    return join_processes(device, batch_size, world_size), world_size
 
 
 # ---- Data loading --------------------------------------------------------------------------------
@@ -1008,12 +899,13 @@ def build_data(args, rank=0, world_size=1):
             print("data: tensor_pipeline.py is not beside common.py; using the PIL pipeline")
         else:
             data = tensor_pipeline.build_data(source, args.pipeline, args.augmentations, args.batch_size,
-                                              torch.device(args.device), rank, world_size)
+                                              torch.device(args.device), rank, world_size, args.overlap, args.blur_p)
             if data is not None:
                 return data
 
     print(f"data: PIL pipeline, torchvision transforms in {args.num_workers} DataLoader workers")
-    view1, view2 = augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std)
+    view1, view2 = augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std,
+                                       args.blur_p)
     clean = eval_transform(source.image_size, source.mean, source.std)
     pretrain_set = source.make("pretrain", TwoViews(view1, view2))
     eval_train_set, eval_test_set = source.make("train", clean), source.make("test", clean)
@@ -1273,6 +1165,10 @@ def end_of_epoch(run, epoch, global_step):
         if last:
             run.log.summary(results)
             print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
+            method, checkpoint = run.args.method, os.path.relpath(os.path.join(run.run_dir, "checkpoint.pt"))
+            print(f"next: `python eval_linear.py --checkpoint {checkpoint}` (linear probes, README: Evaluation), "
+                  f"`python spectrum.py {checkpoint}` (the spectra), `python {method}.py --dataset cifar10` (the full "
+                  f"recipe, a GPU), or `--dataset folder --data-dir DIR` for your own images")
     if not last:
         stop_if_signalled(run, epoch + 1, global_step)  # a signal during the evaluation
     run.log.exclude(time.perf_counter() - started)

@@ -10,12 +10,14 @@ Usage:
 Offline GPU machine: `tar xzf cifar10.tar.gz` (the CIFAR-10 ImageFolder tree) and pass
 `--dataset folder --data-dir cifar10`. Each run is `python METHOD.py ...` in a subprocess, `--parallel`
 of them at a time (several small runs can share one GPU). Writes OUT/results.md and OUT/results.json;
-every run's folder is OUT/runs/NAME (metrics.jsonl, checkpoint.pt).
+every run's folder is OUT/runs/NAME (metrics.jsonl, checkpoint.pt). SIGTERM or Ctrl-C (a time limit) stops
+every run at its current step (each writes its checkpoint, to --resume) and the table shows how far each got.
 """
 import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -91,8 +93,9 @@ def summarise(run_dir):
     train = [r for r in records if r["type"] == "train"]
     run_args = json.load(open(os.path.join(run_dir, "args.json")))
     rates = sorted(r["images_per_s"] for r in train)
-    last = evals[-1]
-    return {"method": run_args["method"], "epochs": run_args["epochs"], "batch": run_args["batch_size"],
+    last = evals[-1]  # a stopped run's last evaluation: epochs is how far it got, budget what it was to train
+    return {"method": run_args["method"], "epochs": last["epoch"], "budget": run_args["epochs"],
+            "batch": run_args["batch_size"],
             "images_per_s": rates[len(rates) // 2] if rates else None,
             "knn_best": max(r["knn_top1"] for r in evals), "knn_last": last["knn_top1"],
             "online_last": last.get("online_top1"), "knn5_euclidean_last": last.get("knn5_euclidean_top1"),
@@ -100,13 +103,27 @@ def summarise(run_dir):
 
 
 def launch_all(commands, parallel):
-    """Run the (name, argv, log path) commands, `parallel` at a time; returns {name: (exit code, seconds)}."""
-    pending, running, done = list(commands), {}, {}
+    """Run the (name, argv, log path) commands, `parallel` at a time; returns {name: (exit code, seconds)} and
+    the signal that stopped them (0: none). A SIGTERM or SIGINT starts no more runs and sends each running one
+    SIGTERM: it finishes its step, writes its checkpoint and exits 143 (a second signal is forwarded too: the
+    runs then stop at once, their last checkpoint kept). The runs have their own sessions, so a terminal's
+    Ctrl-C reaches them only through this process."""
+    pending, running, done, received, forwarded = list(commands), {}, {}, [], 0
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     while pending or running:
+        if forwarded < len(received):  # a second signal is forwarded too: the runs then stop at once
+            forwarded += 1
+            print(f"{signal.Signals(received[0]).name}: stopping {', '.join(running) or 'nothing'}; not starting "
+                  f"{', '.join(name for name, _, _ in pending) or 'more'}", flush=True)
+            pending.clear()
+            for process, _, _ in running.values():
+                process.send_signal(signal.SIGTERM)
         while pending and len(running) < parallel:
             name, argv, log_path = pending.pop(0)
             log = open(log_path, "w")
-            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), time.time(), log)
+            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True),
+                             time.time(), log)
             print(f"started {name}: {shlex.join(argv[1:])}", flush=True)
         for name, (process, started, log) in list(running.items()):
             if process.poll() is not None:
@@ -115,7 +132,9 @@ def launch_all(commands, parallel):
                 print(f"finished {name}: exit {process.returncode} after {done[name][1]:.0f} s", flush=True)
                 del running[name]
         time.sleep(0.5)
-    return done
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    return done, received[0] if received else 0
 
 
 def table(rows):
@@ -124,10 +143,12 @@ def table(rows):
     lines = ["| run | epochs | batch | wall time | images/s | weighted kNN best / last | online probe (last) | "
              "fast linear probe | published, same budget and protocol |", "|" + "---|" * 9]
     for row in rows:
-        references = REFERENCES.get((row["method"], row["epochs"], row["batch"]), [])
+        finished = row["epochs"] == row.get("budget", row["epochs"])  # a stopped run matches no published budget
+        references = REFERENCES.get((row["method"], row["epochs"], row["batch"]), []) if finished else []
+        epochs = row["epochs"] if finished else f"{row['epochs']} of {row['budget']} (stopped)"
         published = "; ".join(f"{value} ({protocol}; ours {cell(row.get(metric))}) — {source}"
                               for protocol, metric, value, source in references)
-        lines.append(f"| {row['name']} | {row['epochs']} | {row['batch']} | {row['seconds'] / 60:.1f} min | "
+        lines.append(f"| {row['name']} | {epochs} | {row['batch']} | {row['seconds'] / 60:.1f} min | "
                      f"{cell(row['images_per_s'], '{:,.0f}')} | {cell(row['knn_best'])} / {cell(row['knn_last'])} | "
                      f"{cell(row['online_last'])} | {cell(row['linear_last'])} | {published or '—'} |")
     return "\n".join(lines)
@@ -138,14 +159,20 @@ def main(args):
     commands = [(name, argv, os.path.join(args.out, "logs", f"{name}.log"))
                 for spec in args.specs for seed in args.seeds for name, argv in [run_command(spec, seed, args)]]
     started = time.time()
-    done = launch_all(commands, args.parallel)
+    done, stopped_by = launch_all(commands, args.parallel)
     rows, failed = [], []
     for name, _, log_path in commands:
-        code, seconds = done[name]
-        if code != 0:
-            failed.append(f"{name} (exit {code}, see {log_path})")
+        if name not in done:
+            failed.append(f"{name} (not started)")
             continue
-        rows.append({"name": name, "seconds": seconds, **summarise(os.path.join(args.out, "runs", name))})
+        code, seconds = done[name]
+        metrics = os.path.join(args.out, "runs", name, "metrics.jsonl")
+        evaluated = os.path.isfile(metrics) and any(r["type"] == "eval" and r["epoch"] > 0
+                                                    for r in map(json.loads, open(metrics)))
+        if code == 0 or (stopped_by and evaluated):  # stopped after an evaluation: how far it got
+            rows.append({"name": name, "seconds": seconds, **summarise(os.path.join(args.out, "runs", name))})
+        else:
+            failed.append(f"{name} (exit {code}, see {log_path})")
     text = table(rows)
     header = (f"{args.dataset}, {args.epochs} epochs, {len(commands)} runs, {args.parallel} at a time, "
               f"{(time.time() - started) / 60:.1f} min in all")
@@ -158,7 +185,8 @@ def main(args):
                    "failed": failed, "references": references}, f, indent=2)
     if failed:
         print("failed: " + "; ".join(failed), file=sys.stderr)
-        raise SystemExit(1)
+    if stopped_by or failed:
+        raise SystemExit(128 + stopped_by if stopped_by else 1)
 
 
 if __name__ == "__main__":

@@ -224,18 +224,39 @@ class TensorTwoViewLoader:
     device, draws the order and the augmentations; set_data_epoch reseeds it every epoch. With torchrun,
     process `rank` of world_size yields its slice of every global batch of batch_size, the same draws."""
 
-    def __init__(self, images, labels, view1, view2, batch_size, device, rank=0, world_size=1):
+    def __init__(self, images, labels, view1, view2, batch_size, device, rank=0, world_size=1, overlap=False):
         self.images, self.labels, self.view1, self.view2 = images, labels.to(device), view1, view2
-        self.batch_size, self.device = batch_size, device
+        self.batch_size, self.device, self.overlap = batch_size, device, overlap
         self.share = batch_size // world_size
         self.start = rank * self.share
         self.generator = torch.Generator(device)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.side_stream = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
 
     def __len__(self):
         return len(self.images) // self.batch_size
 
     def __iter__(self):
+        """With overlap (--overlap), batch k + 1 is augmented before batch k is handed over: on a GPU, on a side
+        stream, so that its kernels run beside step k's. The batches are the same either way (one generator)."""
+        if not self.overlap:
+            yield from self.batches()
+            return
+        batches, main_stream = self.batches(), torch.cuda.current_stream(self.device) if self.side_stream else None
+
+        def augment_next():
+            with torch.cuda.stream(self.side_stream) if self.side_stream else contextlib.nullcontext():
+                return next(batches, None)
+        ahead = augment_next()
+        while ahead is not None:
+            if self.side_stream:  # the step waits for the batch, and its memory stays the step's until it ends
+                main_stream.wait_stream(self.side_stream)
+                for tensor in (*ahead[0], ahead[1]):
+                    tensor.record_stream(main_stream)
+            batch, ahead = ahead, augment_next()
+            yield batch
+
+    def batches(self):
         order = torch.randperm(len(self.images), generator=self.generator, device=self.device)
         for batch in order[:len(self) * self.batch_size].view(len(self), self.batch_size):
             mine = batch[self.start:self.start + self.share]                       # this process's slice
@@ -344,9 +365,12 @@ def split_arrays(source, split):
     return dataset.data, np.asarray(dataset.targets, dtype=np.int64), dataset.classes
 
 
-def build_data(source, pipeline, augmentations, batch_size, device, rank=0, world_size=1):
+def build_data(source, pipeline, augmentations, batch_size, device, rank=0, world_size=1, overlap=False,
+               blur_p=None):
     """common.Data with the tensor pipeline's loaders, or None when the dataset does not fit in
-    memory and pipeline is 'auto' (the caller then uses the PIL pipeline). rank, world_size: torchrun's."""
+    memory and pipeline is 'auto' (the caller then uses the PIL pipeline). augmentations and blur_p: the
+    recipe, as common.recipe_settings takes it; rank, world_size: torchrun's; overlap: augment the next
+    batch while the step runs (TensorTwoViewLoader)."""
     splits = {}
     for split in ("train", "test", "pretrain"):  # pretrain is the train split, except STL-10's (train + unlabeled)
         same = split == "pretrain" and source.name != "stl10"
@@ -365,8 +389,9 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
                                  torch.as_tensor(labels))
     on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
     size, mean, std = source.image_size, source.mean, source.std
-    view1, view2 = (BatchedView(size, mean, std, **view) for view in recipe_settings(augmentations, size))
-    train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size)
+    view1, view2 = (BatchedView(size, mean, std, **view) for view in recipe_settings(augmentations, size, blur_p))
+    train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size,
+                                       overlap)
     eval_loader = lambda split: TensorEvalLoader(*on_device[split], size, mean, std, device)  # noqa: E731
     megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
     print(

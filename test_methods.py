@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from types import SimpleNamespace
 from unittest import mock
@@ -399,6 +400,35 @@ def test_recipes_match_the_published_configs():
     assert blur("asymmetric", 32) == [None, None]
     assert blur("asymmetric", 96) == [(1.0, 13, (0.1, 2.0)), (0.1, 13, (0.1, 2.0))]
     assert blur("symmetric", 224) == [(0.5, 23, (0.1, 2.0))] * 2
+
+
+def test_blur_p_replaces_the_recipes_blur_in_both_pipelines_and_the_offline_checks_of_simclr_and_vicreg_drop_it():
+    """--blur-p sets the blur probability of both views (None: the recipe's); SimCLR's and VICReg's offline checks
+    train without blur (it erases the synthetic textures at 32 px), their CIFAR recipes keep solo-learn's 0.5."""
+    assert common.recipe_settings("symmetric", 32, 0.0) == ({**common.AUGMENTATION_RECIPES["symmetric"][0],
+                                                              "blur_p": 0.0},) * 2
+    assert [v["blur_p"] for v in common.recipe_settings("asymmetric", 96, 0.3)] == [0.3, 0.3]
+    assert [v["blur_p"] for v in common.recipe_settings("asymmetric", 96)] == [1.0, 0.1]
+    assert [v["blur_p"] for v in common.recipe_settings("vicreg", 32)] == [0.5, 0.5]
+    for module in (simclr, vicreg):
+        assert module.parse_args(["--dataset", "synthetic"]).blur_p == 0.0
+        assert module.parse_args(["--dataset", "synthetic", "--blur-p", "0.5"]).blur_p == 0.5  # a flag still wins
+        assert module.parse_args(["--dataset", "cifar10"]).blur_p is None
+    assert byol.parse_args(["--dataset", "synthetic"]).blur_p is None
+    assert intl.parse_args(["--dataset", "synthetic"]).blur_p is None
+    for pipeline in ("tensor", "pil"):
+        for blur_p, expected in ((None, 0.5), (0.0, 0.0)):
+            args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=64, image_size=None,
+                                   augmentations="symmetric", batch_size=32, seed=0, device="cpu", num_workers=0,
+                                   pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=blur_p)
+            loader = common.build_data(args).train_loader
+            if pipeline == "tensor":
+                assert loader.view1.blur_p == loader.view2.blur_p == expected
+            else:
+                views = loader.dataset.dataset.transform
+                blurs = [[t.p for t in view.transforms if isinstance(t, common.T.RandomApply) and
+                          isinstance(t.transforms[0], common.T.GaussianBlur)] for view in (views.view1, views.view2)]
+                assert blurs == ([[0.5], [0.5]] if expected else [[], []])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1138,6 +1168,39 @@ def test_simclr_and_eval_linear_run_end_to_end(tmp_path):
     assert json.load(open(run_dir / "linear_eval_augmented.json"))["protocol"] == "augmented"
 
 
+def test_a_method_file_and_common_py_copied_alone_train_on_an_image_folder(tmp_path):
+    """The copy-two-files promise: without tensor_pipeline.py, synthetic.py and distributed.py beside them, a run
+    on an ImageFolder tree trains with the PIL pipeline (saying so in one line), evaluates and saves; the features
+    of the missing modules each end in one line that names the file."""
+    project, data = tmp_path / "project", tmp_path / "data"
+    os.makedirs(project)
+    for name in ("vicreg.py", "common.py"):
+        shutil.copy(os.path.join(HERE, name), project)
+    g = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for label in ("a", "b"):
+            os.makedirs(data / split / label)
+            for i in range(count):
+                Image.fromarray(g.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / split / label / f"{i}.png")
+    command = [sys.executable, "vicreg.py", "--dataset", "folder", "--data-dir", str(data), "--arch", "convnet",
+               "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--run-name", "copied"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONPATH")}
+    result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "data: tensor_pipeline.py is not beside common.py; using the PIL pipeline" in result.stdout
+    assert sorted(os.listdir(project)) == ["common.py", "runs", "vicreg.py"]  # nothing else came from the repo
+    run_dir = project / "runs" / "copied"
+    evals = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1] and json.load(open(run_dir / "args.json"))["pipeline"] == "pil"
+    assert len(torch.load(run_dir / "backbone.pt", weights_only=True)) > 0
+    for extra, env_extra, expected in ((["--dataset", "synthetic"], {}, "--dataset synthetic needs synthetic.py"),
+                                       ([], {"WORLD_SIZE": "2"}, "torchrun needs distributed.py")):
+        result = subprocess.run(command + extra + ["--run-name", "refused"], cwd=project, capture_output=True,
+                                text=True, timeout=300, env={**env, **env_extra})
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
 # method: the loss terms each logs besides "loss"
 LOGGED_TERMS = {"byol": {"tau"}, "vicreg": {"invariance", "variance", "covariance"},
                 "intl": {"alignment", "trace", "z_erank", "zhat_erank"}}
@@ -1247,13 +1310,13 @@ def test_resume_keeps_stored_arguments_and_refuses_changed_ones(tmp_path, monkey
         simclr.parse_args(["--resume", "runs/a/backbone.pt"])        # a bare state dict is not resumable
     state = torch.load("runs/a/checkpoint.pt", weights_only=True)   # a run saved before --ortho existed
     assert (state["args"]["pipeline"], state["args"]["precision"], state["args"]["compile"]) == \
-        ("tensor", "fp32", False)
-    for key in ("ortho", "ortho_weight", "ortho_heads", "pipeline", "compile"):
+        ("tensor", "fp32", None)
+    for key in ("ortho", "ortho_weight", "ortho_heads", "pipeline", "compile", "overlap", "blur_p"):
         del state["args"][key]
     torch.save(state, "runs/a/old.pt")
     args = simclr.parse_args(["--resume", "runs/a/old.pt"])
     assert (args.ortho, args.ortho_weight, args.ortho_heads) == ("none", 0.0, False)
-    assert (args.pipeline, args.compile) == ("pil", False)  # what runs of that time used
+    assert (args.pipeline, args.compile, args.overlap, args.blur_p) == ("pil", None, False, None)  # as runs then
 
 
 def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
@@ -1662,12 +1725,72 @@ def test_batched_view_of_a_full_frame_without_jitter_is_the_normalised_image():
     torch.testing.assert_close(view(images, torch.Generator().manual_seed(0)), expected, rtol=0, atol=1e-5)
 
 
+def test_overlap_augments_one_batch_ahead_and_yields_the_same_batches():
+    """--overlap: batch k + 1 is augmented before batch k is handed over (on a GPU, on a side stream), and the
+    batches are exactly those without it, epoch after epoch; a run with it trains to the same losses."""
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 3, 16, 16), dtype=np.uint8))
+    labels = torch.arange(40) % 4
+    calls = []
+
+    class CountedView(tensor_pipeline.BatchedView):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            return super().__call__(*args, **kwargs)
+
+    view1, view2 = (CountedView(16, (0.5,) * 3, (0.25,) * 3, **settings)
+                    for settings in common.recipe_settings("vicreg", 16))
+    loaders = [tensor_pipeline.TensorTwoViewLoader(images, labels, view1, view2, 8, torch.device("cpu"), overlap=o)
+               for o in (False, True)]
+    for overlap, loader in enumerate(loaders):
+        calls.clear()
+        common.set_data_epoch(loader, 0, 0)
+        next(iter(loader))
+        assert len(calls) == 2 * (1 + overlap)  # two views of one batch, or of two
+    for epoch in (0, 1):
+        for loader in loaders:
+            common.set_data_epoch(loader, 5, epoch)
+        batches = [list(loader) for loader in loaders]
+        assert len(batches[0]) == len(batches[1]) == 5
+        for ((a1, a2), la), ((b1, b2), lb) in zip(*batches):
+            assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(la, lb)
+
+
+def test_overlap_run_trains_to_the_same_losses(tmp_path):
+    runs = {}
+    for overlap in ((), ("--overlap",)):
+        result = run_script("simclr.py", *TINY_RUN, "--arch", "convnet", "--epochs", "1", "--pipeline", "tensor",
+                            *overlap, "--run-name", f"overlap{len(overlap)}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        records = map(json.loads, open(tmp_path / "runs" / f"overlap{len(overlap)}" / "metrics.jsonl"))
+        runs[overlap] = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(runs[()]) == 4 and runs[()] == runs[("--overlap",)]
+
+
+def test_compile_takes_a_mode_and_compiles_only_the_backbones_in_it(monkeypatch, capsys):
+    """--compile alone is torch.compile's default mode; reduce-overhead (CUDA graphs) and max-autotune are passed
+    on; anything else is one line, exit 2. A run saved before the mode existed stored True."""
+    assert simclr.parse_args(["--device", "cpu"]).compile is None
+    assert simclr.parse_args(["--device", "cpu", "--compile"]).compile == "default"
+    assert simclr.parse_args(["--device", "cpu", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit) as exit_info:
+        simclr.parse_args(["--device", "cpu", "--compile", "fastest"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda module, **kwargs: compiled.append((type(module), kwargs)))
+    model = nn.ModuleDict({"backbone": common.small_convnet(), "projector": nn.Linear(256, 8)})
+    for mode, expected in ((None, []), ("max-autotune", [(nn.Sequential, {"mode": "max-autotune"})]),
+                           (True, [(nn.Sequential, {"mode": "default"})])):
+        compiled.clear()
+        common.prepare_model(model, torch.device("cpu"), mode)
+        assert compiled == expected
+
+
 def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path):
     """Same dataset both ways: the same number of batches, same labels, and the evaluation images
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
     args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
                            augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False)
+                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
@@ -1690,7 +1813,7 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
     args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
                            augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False)
+                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)
@@ -1846,6 +1969,35 @@ def test_reproduce_trains_each_run_and_writes_one_table(tmp_path):
     assert again.returncode == 2 and "nothing is overwritten" in again.stderr   # an earlier table is kept
 
 
+def test_reproduce_stopped_by_sigterm_stops_its_runs_with_checkpoints_and_tables_how_far_they_got(tmp_path):
+    """A time limit (timeout's SIGTERM) must not lose a GPU window: every running run gets SIGTERM, checkpoints
+    and exits 143, no further run starts, and the table shows each stopped run's last evaluation as "k of N
+    (stopped)" with no published number beside it (another budget)."""
+    command = [sys.executable, os.path.join(HERE, "reproduce.py"), "--dataset", "synthetic", "--synthetic-size",
+               "256", "--batch-size", "64", "--epochs", "200", "--eval-every", "1", "--methods", "simclr", "byol",
+               "intl", "--parallel", "2", "--device", "cpu", "--out", "rep"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "rep" / "logs" / f"{name}-s0.log" for name in ("simclr", "byol")]
+    for _ in range(600):  # both running runs have evaluated their first epoch
+        if all(log.exists() and "eval epoch 1:" in log.read_text() for log in logs):
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: stopping simclr-s0, byol-s0; not starting intl-s0" in stdout
+    results = json.load(open(tmp_path / "rep" / "results.json"))
+    assert [r["name"] for r in results["runs"]] == ["simclr-s0", "byol-s0"]
+    assert results["failed"] == ["intl-s0 (not started)"]
+    table = open(tmp_path / "rep" / "results.md").read()
+    for row, log in zip(results["runs"], logs):
+        assert 1 <= row["epochs"] < row["budget"] == 200 and f"| {row['epochs']} of 200 (stopped) |" in table
+        assert "error: stopped by SIGTERM; continue from the checkpoint" in log.read_text()
+        checkpoint = torch.load(tmp_path / "rep" / "runs" / row["name"] / "checkpoint.pt", weights_only=True)
+        assert checkpoint["epoch"] >= row["epochs"] and checkpoint["global_step"] >= 4 * row["epochs"]
+    assert not (tmp_path / "rep" / "runs" / "intl-s0").exists()
+
+
 def test_reproduce_puts_the_published_number_beside_ours_only_at_the_same_budget():
     import reproduce
     row = dict(name="byol-s0", method="byol", epochs=200, batch=512, seconds=300.0, images_per_s=9000.0,
@@ -1959,7 +2111,7 @@ def test_each_process_gets_its_slice_of_the_global_batch_with_one_process_views(
     global batch, epoch after epoch (the draws are made for the whole batch, or seeded per image)."""
     args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=96, image_size=None,
                            augmentations="vicreg", batch_size=32, seed=3, device="cpu", num_workers=0,
-                           pipeline=pipeline, skip_bad_images=False)
+                           pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=None)
     loaders = [common.build_data(args, rank, world_size).train_loader for rank, world_size in ((0, 1), (0, 2), (1, 2))]
     assert [len(loader) for loader in loaders] == [3, 3, 3]
     for epoch in (0, 1):
