@@ -243,6 +243,8 @@ class TensorTwoViewLoader:
             yield from self.batches()
             return
         batches, main_stream = self.batches(), torch.cuda.current_stream(self.device) if self.side_stream else None
+        if self.side_stream:  # after what the main stream wrote before (the images, labels and generator seed)
+            self.side_stream.wait_stream(main_stream)
 
         def augment_next():
             with torch.cuda.stream(self.side_stream) if self.side_stream else contextlib.nullcontext():
