@@ -1755,6 +1755,7 @@ def test_overlap_augments_one_batch_ahead_and_yields_the_same_batches():
             assert torch.equal(a1, b1) and torch.equal(a2, b2) and torch.equal(la, lb)
 
 
+@pytest.mark.slow  # the loader test above checks the batches themselves in the default suite
 def test_overlap_run_trains_to_the_same_losses(tmp_path):
     runs = {}
     for overlap in ((), ("--overlap",)):
