@@ -1229,8 +1229,9 @@ def stop_safely(run):
     try:
         yield
     except Exception as exc:
-        with contextlib.suppress(OSError, TypeError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
-            traceback.print_exc(file=f)  # TypeError: no run folder (torchrun, not rank 0)
+        if run.run_dir is not None:  # torchrun: rank 0 alone has a run folder
+            with contextlib.suppress(OSError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
+                traceback.print_exc(file=f)
         message = (str(exc).strip().splitlines() or [""])[-1]  # a DataLoader worker's error ends with the cause
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             what = (f"out of memory on {run.args.device}; free the GPU (another process?) and resume, or start over "

@@ -87,9 +87,13 @@ def run_command(spec, seed, args):
 
 
 def summarise(run_dir):
-    """What the table shows of one finished run, read from its metrics.jsonl and args.json."""
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    """What the table shows of one run, read from its metrics.jsonl and args.json; None before its first
+    evaluation after training began (no metrics yet, or only the untrained backbone's)."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    records = [json.loads(line) for line in open(metrics)] if os.path.isfile(metrics) else []
     evals = [r for r in records if r["type"] == "eval" and r["epoch"] > 0]
+    if not evals:
+        return None
     train = [r for r in records if r["type"] == "train"]
     run_args = json.load(open(os.path.join(run_dir, "args.json")))
     rates = sorted(r["images_per_s"] for r in train)
@@ -166,11 +170,9 @@ def main(args):
             failed.append(f"{name} (not started)")
             continue
         code, seconds = done[name]
-        metrics = os.path.join(args.out, "runs", name, "metrics.jsonl")
-        evaluated = os.path.isfile(metrics) and any(r["type"] == "eval" and r["epoch"] > 0
-                                                    for r in map(json.loads, open(metrics)))
-        if code == 0 or (stopped_by and evaluated):  # stopped after an evaluation: how far it got
-            rows.append({"name": name, "seconds": seconds, **summarise(os.path.join(args.out, "runs", name))})
+        summary = summarise(os.path.join(args.out, "runs", name)) if code == 0 or stopped_by else None
+        if summary:  # finished, or stopped after an evaluation: how far it got
+            rows.append({"name": name, "seconds": seconds, **summary})
         else:
             failed.append(f"{name} (exit {code}, see {log_path})")
     text = table(rows)
