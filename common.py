@@ -783,8 +783,9 @@ def drop_unreadable(dataset, skip_bad):
     key = (dataset.root, len(dataset.samples))
     if key not in UNREADABLE:
         workers = min(8, os.cpu_count() or 1) if len(dataset) > 2000 else 0
-        paths = torch.utils.data.DataLoader([path for path, _ in dataset.samples], batch_size=64,
-                                            num_workers=workers, collate_fn=unreadable)  # decoded in the workers
+        paths = torch.utils.data.DataLoader([path for path, _ in dataset.samples], batch_size=64, num_workers=workers,
+                                            collate_fn=unreadable,  # decoded in the workers; an own generator
+                                            generator=torch.Generator())  # leaves the run's random stream alone
         UNREADABLE[key] = [path for bad in paths for path in bad]
         if UNREADABLE[key] and skip_bad:
             print(f"skipped: {bad_images_message(UNREADABLE[key], dataset.root).split('; ')[0]}", flush=True)

@@ -191,27 +191,44 @@ class BatchedView:
         self.kernel_size = blur_kernel_size(crop_size)
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
 
+    def sample(self, num, height, width, generator):
+        """Every random parameter of `num` images of height x width, drawn in this order on the generator's
+        device: crop boxes, flips, colour jitter, grayscale, blur (sigma, then whether), solarisation."""
+        coin = lambda p: torch.rand(num, generator=generator, device=generator.device) < p  # noqa: E731
+        top, left, h, w = sample_crop_boxes(num, height, width, self.crop_scale, self.ratio, generator)
+        draws = SimpleNamespace(top=top, left=left, h=h, w=w, flip=coin(self.flip_p),
+                                jitter=sample_color_jitter(num, *self.jitter, generator), gray=coin(self.gray_p))
+        if self.blur_p > 0:
+            draws.sigma, draws.blur = uniform(0.1, 2.0, num, generator), coin(self.blur_p)
+        if self.solarize_p > 0:
+            draws.solarize = coin(self.solarize_p)
+        return draws
+
+    def apply(self, images, draws):
+        """The view of uint8 images (b, 3, H, W) with their draws (b of each): normalised float (b, 3, S, S)."""
+        x = resized_crop(images.float() / 255, draws.top, draws.left, draws.h, draws.w, self.crop_size, draws.flip)
+        x = color_jitter(x, draws.jitter)
+        x = torch.where(draws.gray[:, None, None, None], grayscale(x).expand_as(x), x)
+        if self.blur_p > 0:
+            x = torch.where(draws.blur[:, None, None, None], gaussian_blur(x, draws.sigma, self.kernel_size), x)
+        if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
+            x = torch.where(draws.solarize[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+        if self.mean.device != x.device:  # moved once: a copy from host memory each call could stall the GPU queue
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
+
     def __call__(self, images, generator, start=0, num=None):
         """images: (b, 3, H, W), images [start, start + b) of a global batch of num (default b) images. The
         parameters of all num images are drawn, the same in every process, and those of the slice applied
         (torchrun: each process augments its own share, with the draws one process would give it)."""
-        mine = slice(start, start + len(images))
-        num, (_, _, height, width) = num or len(images), images.shape
-        coin = lambda p: (torch.rand(num, generator=generator, device=generator.device) < p)[mine]  # noqa: E731
-        top, left, h, w = (t[mine] for t in sample_crop_boxes(num, height, width, self.crop_scale, self.ratio,
-                                                               generator))
-        x = resized_crop(images.float() / 255, top, left, h, w, self.crop_size, flip=coin(self.flip_p))
-        jitter = sample_color_jitter(num, *self.jitter, generator)
-        x = color_jitter(x, SimpleNamespace(**{name: draws[mine] for name, draws in vars(jitter).items()}))
-        x = torch.where(coin(self.gray_p)[:, None, None, None], grayscale(x).expand_as(x), x)
-        if self.blur_p > 0:
-            sigma = uniform(0.1, 2.0, num, generator)[mine]
-            x = torch.where(coin(self.blur_p)[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
-        if self.solarize_p > 0:  # PIL inverts the pixels >= 128 of 255
-            x = torch.where(coin(self.solarize_p)[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
-        if self.mean.device != x.device:  # moved once: a copy from host memory each call could stall the GPU queue
-            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
-        return (x - self.mean) / self.std
+        draws = self.sample(num or len(images), images.shape[2], images.shape[3], generator)
+        return self.apply(images, slice_draws(draws, slice(start, start + len(images))))
+
+
+def slice_draws(draws, part):
+    """The draws of images `part` (a slice) of the batch."""
+    return SimpleNamespace(**{name: slice_draws(value, part) if isinstance(value, SimpleNamespace) else value[part]
+                              for name, value in vars(draws).items()})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,480 @@
+"""The scripts: the method files' shared anatomy and flags, eval_linear.py, spectrum.py, bench.py, reproduce.py,
+synthetic.py, the two-file copy and the CI command, each run as a user runs it."""
+import argparse
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import HERE, METHOD_NAMES, TINY_RUN, folder_run, method_module, run_script, separable_features
+
+
+@pytest.fixture
+def eval_linear():
+    return method_module("eval_linear")
+
+
+@pytest.fixture
+def spectrum():
+    return method_module("spectrum")
+
+
+@pytest.fixture
+def synthetic():
+    return method_module("synthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# The method files: one anatomy, every flag with help and a range
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_flag_has_help(method):
+    captured = {}
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        method_module(method).parse_args([])
+    actions = [a for a in captured["parser"]._actions if a.dest != "help"]
+    assert len(actions) > 20
+    assert all(a.help and not a.help.startswith("(default") for a in actions), [a.dest for a in actions if not a.help]
+
+
+def method_sections(path):
+    """{marker line: text up to the next marker} for the '# TRY NOT TO MODIFY' and '# ALGO' markers."""
+    sections, marker = {}, None
+    for line in open(path):
+        if line.strip().startswith(("# TRY NOT TO MODIFY", "# ALGO")):
+            marker = line.strip()
+            sections.setdefault(marker, "")
+        elif marker:
+            sections[marker] += line
+    return sections
+
+
+def test_method_files_differ_only_in_the_method():
+    """diff simclr.py byol.py shows only the method: every TRY NOT TO MODIFY section is identical.
+    The shared flags are not copied into the files at all (add_common_args, add_recipe_args)."""
+    reference = method_sections(os.path.join(HERE, "simclr.py"))
+    shared = [m for m in reference if m.startswith("# TRY NOT TO MODIFY")]
+    assert len(shared) == 5, shared
+    for method in ("byol", "vicreg", "intl"):
+        sections = method_sections(os.path.join(HERE, f"{method}.py"))
+        assert [m for m in sections if m.startswith("# TRY NOT TO MODIFY")] == shared
+        for marker in shared:
+            assert sections[marker] == reference[marker], (method, marker)
+        algo = [m for m in sections if m.startswith("# ALGO")]
+        assert {"# ALGO LOGIC: loss", "# ALGO LOGIC: model", "# ALGO LOGIC: training step"} <= set(algo), algo
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_common(method):
+    """The recipe flags are declared by add_recipe_args with every value given in the method file
+    (no hidden default), and the infrastructure flags are exactly add_common_args's."""
+    module = method_module(method)
+    source = open(os.path.join(HERE, f"{method}.py")).read()
+    call = source[source.index("add_recipe_args(parser,"):source.index(")", source.index("add_recipe_args(parser,"))]
+    recipe = ("epochs", "batch_size", "optimizer", "base_lr", "weight_decay", "warmup_epochs", "final_lr_ratio",
+              "augmentations")
+    assert all(f"{name}=" in call for name in recipe)
+    assert "add_argument(\"--dataset\"" not in source and source.count("add_common_args(parser)") == 1
+    common_parser = argparse.ArgumentParser()
+    common.add_common_args(common_parser)
+    shared = {a.dest for a in common_parser._actions} - {"help"}
+    parser_dests = set()
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def capture(self, argv=None, namespace=None):
+        parser_dests.update(a.dest for a in self._actions)
+        return real_parse(self, argv, namespace)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
+        module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
+    assert shared | set(recipe) <= parser_dests
+
+
+NOT_NUMBERS = {"data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
+
+
+@pytest.mark.parametrize("script", ["simclr", "byol", "vicreg", "intl", "eval_linear"])
+def test_every_flag_is_validated_when_parsed_with_one_line_naming_the_valid_range(script, capsys):
+    """The general mechanism: every numeric flag has a common.Bounded type (the rest have choices, are
+    switches or are paths and names), and a value out of its range, or not a number, ends in one line."""
+    module = method_module(script)
+    captured = {}
+
+    def capture(self, argv=None, namespace=None):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        module.parse_args([])
+    base = ["--checkpoint", "x.pt"] if script == "eval_linear" else ["--device", "cpu"]
+    for action in captured["parser"]._actions:
+        if action.dest == "help" or action.choices or action.nargs == 0:
+            continue
+        assert isinstance(action.type, common.Bounded) or action.dest in NOT_NUMBERS, action.dest
+        if not isinstance(action.type, common.Bounded):
+            continue
+        bound = action.type
+        below = bound.gt if bound.gt is not None else bound.ge - (1 if bound.kind is int else 0.5)
+        for bad in [below] + ([bound.le + 1] if bound.le is not None else []) + ["nan"]:
+            with pytest.raises(SystemExit) as exit_info:
+                module.parse_args([action.option_strings[0], str(bad)] + base)
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"argument {action.option_strings[0]}: expected {bound.valid}, got {bad}" in err
+
+
+def test_bad_input_ends_in_one_line_without_traceback(tmp_path):
+    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.strip().startswith("error: no image folder")
+    (tmp_path / "bad.pt").write_bytes(b"\0" * 10)
+    for script in ("simclr.py", "byol.py", "vicreg.py", "intl.py", "eval_linear.py"):
+        flag = "--checkpoint" if script == "eval_linear.py" else "--resume"
+        result = run_script(script, flag, str(tmp_path / "bad.pt"), cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "corrupt" in result.stderr
+
+
+def test_a_method_file_and_common_py_copied_alone_train_on_an_image_folder(tmp_path):
+    """The copy-two-files promise: without tensor_pipeline.py, synthetic.py and distributed.py beside them, a run
+    on an ImageFolder tree trains with the PIL pipeline (saying so in one line), evaluates and saves; the features
+    of the missing modules each end in one line that names the file."""
+    project, data = tmp_path / "project", tmp_path / "data"
+    os.makedirs(project)
+    for name in ("vicreg.py", "common.py"):
+        shutil.copy(os.path.join(HERE, name), project)
+    g = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for label in ("a", "b"):
+            os.makedirs(data / split / label)
+            for i in range(count):
+                Image.fromarray(g.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(data / split / label / f"{i}.png")
+    command = [sys.executable, "vicreg.py", "--dataset", "folder", "--data-dir", str(data), "--arch", "convnet",
+               "--epochs", "1", "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--run-name", "copied"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "PYTHONPATH")}
+    result = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "data: tensor_pipeline.py is not beside common.py; using the PIL pipeline" in result.stdout
+    assert sorted(os.listdir(project)) == ["common.py", "runs", "vicreg.py"]  # nothing else came from the repo
+    run_dir = project / "runs" / "copied"
+    evals = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1] and json.load(open(run_dir / "args.json"))["pipeline"] == "pil"
+    assert len(torch.load(run_dir / "backbone.pt", weights_only=True)) > 0
+    for extra, env_extra, expected in ((["--dataset", "synthetic"], {}, "--dataset synthetic needs synthetic.py"),
+                                       ([], {"WORLD_SIZE": "2"}, "torchrun needs distributed.py")):
+        result = subprocess.run(command + extra + ["--run-name", "refused"], cwd=project, capture_output=True,
+                                text=True, timeout=300, env={**env, **env_extra})
+        assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_ci_runs_the_readme_test_command_on_the_newest_allowed_releases():
+    readme, ci = open(os.path.join(HERE, "README.md")).read(), open(os.path.join(HERE, ".ci", "run")).read()
+    assert "pip install -r requirements.txt && pytest -q" in readme
+    lines = ci.splitlines()
+    assert "pip install --upgrade -r requirements.txt" in lines and lines[-1] == "pytest -q"
+    print_versions = ci[ci.index("python -c"):ci.index("\npytest -q")]
+    versions = subprocess.run(["bash", "-c", print_versions], capture_output=True, text=True)
+    assert versions.returncode == 0 and versions.stdout.startswith("versions: python "), versions.stderr
+    assert all(f"{name} " in versions.stdout for name in ("torch", "torchvision", "numpy", "pytest"))
+
+
+# ----------------------------------------------------------------------------------------------
+# eval_linear.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eval_linear_rebuilds_a_run_from_its_checkpoint_or_its_backbone_and_a_random_init_baseline(eval_linear,
+                                                                                                     tiny_run, tmp_path):
+    run = tiny_run("simclr")
+    run_dir = shutil.copytree(run.run_dir, tmp_path / "tiny")  # the session's run folder stays as the run left it
+    last = [r for r in run.records if r["type"] == "eval"][-1]
+    for name in ("checkpoint.pt", "backbone.pt"):
+        result = run_script("eval_linear.py", "--checkpoint", str(run_dir / name), "--epochs", "5",
+                            "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        results = json.load(open(run_dir / "linear_eval.json"))
+        assert results["knn_top1"] == pytest.approx(last["knn_top1"])  # same features, same kNN
+        assert 0 <= results["linear_top1"] <= results["linear_top5"] <= 100
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--random-init",
+                        "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    baseline = json.load(open(run_dir / "linear_eval_random_init.json"))
+    assert baseline["random_init"] and not json.load(open(run_dir / "linear_eval.json"))["random_init"]
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--protocol", "augmented",
+                        "--epochs", "1", "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(run_dir / "linear_eval_augmented.json"))["protocol"] == "augmented"
+
+
+@pytest.mark.parametrize("method", ["byol", "vicreg", "intl"])
+def test_eval_linear_rebuilds_every_methods_backbone(eval_linear, tiny_run, method, tmp_path):
+    """BYOL's checkpoint also holds its target and predictor; eval_linear takes the online backbone."""
+    run = tiny_run(method)
+    run_dir = shutil.copytree(run.run_dir, tmp_path / "tiny")
+    result = run_script("eval_linear.py", "--checkpoint", str(run_dir / "checkpoint.pt"), "--epochs", "2",
+                        "--num-workers", "0", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    last = [r for r in run.records if r["type"] == "eval"][-1]
+    assert json.load(open(run_dir / "linear_eval.json"))["knn_top1"] == pytest.approx(last["knn_top1"])
+
+
+def test_eval_linear_protocols_are_pinned_to_their_sources(eval_linear):
+    """The INTL probe (winci-ai/INTL 0aa69af cifar/eval/evaluate.py): Adam 1e-2, weight decay 5e-6, batch 1000,
+    500 epochs."""
+    defaults = {k: v.default for k, v in inspect.signature(eval_linear.intl_linear_probe).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    assert defaults == dict(epochs=500, batch_size=1000, lr=1e-2, weight_decay=5e-6, seed=0)
+
+
+def test_intl_probe_schedule_is_the_authors_exponential_decay(eval_linear):
+    # gamma = (1e-6 / 1e-2)^(1/500): epoch 0 at 1e-2, epoch 250 at 1e-4, the last epoch just above 1e-6
+    assert eval_linear.intl_probe_lr(0) == pytest.approx(1e-2)
+    assert eval_linear.intl_probe_lr(1) == pytest.approx(1e-2 * 0.9817479430199844)
+    assert eval_linear.intl_probe_lr(250) == pytest.approx(1e-4)
+    assert eval_linear.intl_probe_lr(499) == pytest.approx(1e-2 * (1e-4) ** (499 / 500), rel=1e-12)
+    assert eval_linear.intl_probe_lr(499) == pytest.approx(1.0186e-6, rel=1e-4)
+    assert eval_linear.PROTOCOLS["intl"] == dict(epochs=500, batch_size=1000, lr=1e-2)
+
+
+def test_intl_probe_learns_separable_raw_features_and_uses_its_settings(eval_linear):
+    train, train_labels = separable_features(n_per_class=2500, seed=0)   # 10 batches of 1000 an epoch
+    test, test_labels = separable_features(seed=1)
+    seen = {}
+    real_adam = torch.optim.Adam
+
+    def recording_adam(params, **kwargs):
+        seen.update(kwargs)
+        return real_adam(params, **kwargs)
+
+    with mock.patch.object(eval_linear.torch.optim, "Adam", recording_adam):
+        top1, top5 = eval_linear.intl_linear_probe(train * 7 + 3, train_labels, test * 7 + 3, test_labels, 4, epochs=40)
+    assert (top1, top5) == (100.0, 100.0) and seen == dict(lr=1e-2, weight_decay=5e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# spectrum.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_feature_spectra_match_numpy_covariance_eigenvalues(spectrum):
+    torch.manual_seed(5)
+    backbone, projector = common.small_convnet().eval(), common.projection_mlp([256, 32, 8]).eval()
+    images = torch.randn(64, 3, 16, 16)
+    spectra = spectrum.feature_spectra(backbone, projector, images, batch_size=20)
+    assert list(spectra) == ["block1", "block2", "block3", "block4", "representation", "projector"]
+    with torch.no_grad():
+        h = backbone(images)
+        for name, x in (
+            ("representation", h),
+            ("projector", projector(h)),
+            ("block1", backbone[:3](images).mean(dim=(2, 3))),
+        ):
+            expected = np.sort(np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False)))[::-1].clip(min=0)
+            np.testing.assert_allclose(spectra[name].numpy(), expected, rtol=1e-6, atol=1e-10)
+    stages = [name for name, _, _ in spectrum.feature_stages(common.build_backbone("resnet18", 32)[0])]
+    assert stages == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_ortho_so_run_ends_closer_to_orthogonal_than_the_same_run_without(spectrum, synthetic, tmp_path):
+    """8 LARS steps are too few for the paper's 1e-6 to show; 0.1 does."""
+    errors = {}
+    for kind in ("none", "so"):
+        weight = ["--ortho-weight", "0.1"] if kind == "so" else []
+        result = run_script("simclr.py", *TINY_RUN, "--ortho", kind, *weight, "--run-name", kind, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        shown = "0.1" if kind == "so" else "0"
+        assert (
+            f"--ortho {kind} (weight {shown}) covers 4 layers (backbone.0, backbone.3, backbone.6, backbone.9)"
+            in result.stdout
+        )
+        records = [json.loads(line) for line in open(tmp_path / "runs" / kind / "metrics.jsonl")]
+        train = [r for r in records if r["type"] == "train"]
+        assert ("ortho" in train[0]) == (kind == "so")
+        errors[kind] = [r["ortho_error"] for r in records if r["type"] == "eval"][-1]
+    assert errors["so"] < 0.9 * errors["none"], errors
+    result = run_script("spectrum.py", "runs/none/checkpoint.pt", "runs/so/checkpoint.pt", "--labels", "none", "SO",
+                        "--out", "figs/spectrum", "--num-images", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    curves = json.load(open(tmp_path / "figs/spectrum.json"))
+    assert list(curves) == ["none", "SO"] and list(curves["SO"]["weights"]) == [f"backbone.{i}" for i in (0, 3, 6, 9)]
+    weights = torch.load(tmp_path / "runs/so/checkpoint.pt", weights_only=True)["model"]["backbone.3.weight"]
+    np.testing.assert_allclose(curves["SO"]["weights"]["backbone.3"]["values"],
+                               np.linalg.svd(weights.double().reshape(64, -1).numpy(), compute_uv=False), rtol=1e-6)
+    assert curves["SO"]["features"]["representation"]["erank"] >= 1
+
+
+def test_mlp_from_state_dict_rebuilds_every_projector_layout(spectrum):
+    for mlp in (common.projection_mlp([16, 32, 8]), common.projection_mlp([16, 32, 8], batch_norm=False),
+                common.projection_mlp([16, 32, 32, 8], hidden_bias=False)):
+        for name, tensor in mlp.state_dict().items():  # non-default BN statistics and affine parameters
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)
+        rebuilt = spectrum.mlp_from_state_dict(mlp.state_dict())
+        x = torch.randn(10, 16)
+        torch.testing.assert_close(rebuilt.eval()(x), mlp.eval()(x))
+
+
+
+def test_spectrum_covers_the_layers_a_run_regularised_the_predictor_included(spectrum, tmp_path, monkeypatch,
+                                                                              tiny_folder):
+    byol = method_module("byol")
+    monkeypatch.chdir(tmp_path)
+    byol.main(byol.parse_args(folder_run(tiny_folder, "--epochs", "1", "--ortho", "so", "--ortho-heads",
+                                         "--run-name", "heads")))
+    run, spectra = spectrum.run_spectra("runs/heads/checkpoint.pt", 16, None, torch.device("cpu"))
+    assert list(spectra["weights"]) == [f"backbone.{i}" for i in (0, 3, 6, 9)] + \
+        ["projector.0", "projector.3", "predictor.0", "predictor.3"]
+    assert len(spectra["weights"]["predictor.3"]) == 256 and len(spectra["features"]["projector"]) == 256
+
+# ----------------------------------------------------------------------------------------------
+# synthetic.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_synthetic_images_are_deterministic_balanced_and_seeded(synthetic):
+    images, labels = synthetic.make_synthetic_images(200, seed=3)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert np.bincount(labels).tolist() == [20] * 10
+    again, again_labels = synthetic.make_synthetic_images(200, seed=3)
+    assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
+    other, _ = synthetic.make_synthetic_images(200, seed=4)
+    assert not np.array_equal(images, other)
+    assert images.std() > 20  # not a blank canvas
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bench_speed_runs_each_method_for_its_warmup_and_timed_steps(tmp_path, monkeypatch):
+    bench, byol = method_module("bench"), method_module("byol")
+    monkeypatch.chdir(tmp_path)
+    args = bench.parse_args(["speed", "--methods", "byol", "--arch", "convnet", "--synthetic-size", "300",
+                             "--batch-size", "64", "--steps", "2", "--warmup", "1", "--num-workers", "0", "--device",
+                             "cpu", "--skip", "flops"])
+    assert args.precision == "fp32"  # auto on the CPU
+    with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema, \
+            mock.patch.object(byol, "build_optimizer", wraps=byol.build_optimizer) as optimizer:
+        results = bench.bench_speed(args)
+    assert ema.call_count == 2 * 3  # (b) and (c): one warm-up and two timed optimiser steps each
+    # the reference recipe's optimiser (LARS, lr 1.0 x 64/256), not the offline check's SGD, on synthetic data
+    assert [(c.args[0], c.args[2], c.args[3]) for c in optimizer.call_args_list] == [("lars", 0.25, 1e-5)] * 2
+    row = results["methods"]["byol"]
+    assert row["augmentations"] == "asymmetric" and all(row[key] > 0 for key in ("data", "step", "end_to_end", "pil"))
+    assert row["data_per_core"] == pytest.approx(row["data"] / torch.get_num_threads())
+    assert row["pil_per_core"] == pytest.approx(row["pil"])  # no workers: one core
+
+    class TwoBatches(list):
+        generator = None
+
+    ready = bench.TimedLoader(TwoBatches(["first", "second"]), 1, 3, torch.device("cpu"), ready=True)
+    assert list(ready) == ["first"] * 4 and len(ready.times) == 5  # one batch repeated: no data cost
+    fed = bench.TimedLoader(TwoBatches(["first", "second"]), 1, 3, torch.device("cpu"))
+    assert list(fed) == ["first", "second"] * 2  # a short epoch: the next one starts
+
+
+def test_bench_counts_the_flops_of_a_step_and_their_rate(tmp_path, monkeypatch):
+    """SimCLR with the convnet: its four 3x3 convs cost F = 2 x (3*32*32^2 + 32*64*16^2 + 64*128*8^2 +
+    128*256*4^2) x 9 = 30,081,024 FLOP per view forward; a step is at least 2 views x B x (3F - the first
+    conv's forward, whose input needs no gradient); the count doubles with the batch."""
+    bench = method_module("bench")
+    monkeypatch.chdir(tmp_path)
+    flops = {}
+    for batch in ("32", "64"):
+        args = bench.parse_args(["speed", "--methods", "simclr", "--arch", "convnet", "--synthetic-size", "300",
+                                 "--batch-size", batch, "--steps", "1", "--warmup", "0", "--num-workers", "0",
+                                 "--device", "cpu", "--skip", "data", "pil", "--peak-tflops", "2.0"])
+        row = bench.bench_speed(args)["methods"]["simclr"]
+        flops[int(batch)] = row["tflop_per_step"] * 1e12
+        assert row["tflops"] == pytest.approx(row["tflop_per_step"] * row["end_to_end"] / int(batch))
+        assert row["share_of_peak"] == pytest.approx(row["tflops"] / 2.0)
+    conv_forward, first_conv = 30_081_024, 2 * 3 * 32 * 32 * 32 * 9
+    assert flops[64] >= 2 * 64 * (3 * conv_forward - first_conv)
+    assert flops[64] < 1.2 * 2 * 64 * (3 * conv_forward - first_conv)     # the heads and the loss are small
+    assert flops[64] / flops[32] == pytest.approx(2.0, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# reproduce.py: the results table
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reproduce_trains_each_run_and_writes_one_table(synthetic, tmp_path):
+    result = run_script("reproduce.py", "--dataset", "synthetic", "--synthetic-size", "256", "--batch-size", "64",
+                        "--epochs", "2", "--methods", "intl", "simclr", "--device", "cpu", "--out", "rep",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.load(open(tmp_path / "rep" / "results.json"))
+    assert [r["name"] for r in results["runs"]] == ["intl-s0", "simclr-s0"] and results["failed"] == []
+    for row in results["runs"]:
+        evals = [json.loads(line) for line in open(tmp_path / "rep" / "runs" / row["name"] / "metrics.jsonl")]
+        evals = [r for r in evals if r["type"] == "eval" and r["epoch"] > 0]
+        assert row["knn_best"] == max(r["knn_top1"] for r in evals) and row["knn_last"] == evals[-1]["knn_top1"]
+        assert row["online_last"] == evals[-1]["online_top1"] and (row["epochs"], row["batch"]) == (2, 64)
+    table = open(tmp_path / "rep" / "results.md").read()
+    assert table.count("| intl-s0 | 2 | 64 |") == 1 and table.rstrip().endswith("| — |")  # no reference: a dash
+    again = run_script("reproduce.py", "--dataset", "synthetic", "--epochs", "2", "--out", "rep", cwd=tmp_path)
+    assert again.returncode == 2 and "nothing is overwritten" in again.stderr   # an earlier table is kept
+
+
+def test_reproduce_stopped_by_sigterm_stops_its_runs_with_checkpoints_and_tables_how_far_they_got(synthetic,
+                                                                                                   tmp_path):
+    """A time limit (timeout's SIGTERM) must not lose a GPU window: every running run gets SIGTERM, checkpoints
+    and exits 143, no further run starts, and the table shows each stopped run's last evaluation as "k of N
+    (stopped)" with no published number beside it (another budget)."""
+    command = [sys.executable, os.path.join(HERE, "reproduce.py"), "--dataset", "synthetic", "--synthetic-size",
+               "256", "--batch-size", "64", "--epochs", "200", "--eval-every", "1", "--methods", "simclr", "byol",
+               "intl", "--parallel", "2", "--device", "cpu", "--out", "rep"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "rep" / "logs" / f"{name}-s0.log" for name in ("simclr", "byol")]
+    for _ in range(600):  # both running runs have evaluated their first epoch
+        if all(log.exists() and "eval epoch 1:" in log.read_text() for log in logs):
+            break
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: stopping simclr-s0, byol-s0; not starting intl-s0" in stdout
+    results = json.load(open(tmp_path / "rep" / "results.json"))
+    assert [r["name"] for r in results["runs"]] == ["simclr-s0", "byol-s0"]
+    assert results["failed"] == ["intl-s0 (not started)"]
+    table = open(tmp_path / "rep" / "results.md").read()
+    for row, log in zip(results["runs"], logs):
+        assert 1 <= row["epochs"] < row["budget"] == 200 and f"| {row['epochs']} of 200 (stopped) |" in table
+        assert "error: stopped by SIGTERM; continue from the checkpoint" in log.read_text()
+        checkpoint = torch.load(tmp_path / "rep" / "runs" / row["name"] / "checkpoint.pt", weights_only=True)
+        assert checkpoint["epoch"] >= row["epochs"] and checkpoint["global_step"] >= 4 * row["epochs"]
+    assert not (tmp_path / "rep" / "runs" / "intl-s0").exists()
+
+
+def test_reproduce_puts_the_published_number_beside_ours_only_at_the_same_budget():
+    reproduce = method_module("reproduce")
+    row = dict(name="byol-s0", method="byol", epochs=200, batch=512, seconds=300.0, images_per_s=9000.0,
+               knn_best=85.2, knn_last=85.0, online_last=80.1, knn5_euclidean_last=84.0, linear_last=86.0)
+    line = reproduce.table([row]).splitlines()[-1]
+    assert "| 85.2 / 85.0 | 80.1 | 86.0 | 86.8 (weighted kNN, best epoch; ours 85.2) — lightly" in line
+    assert reproduce.table([{**row, "batch": 256}]).splitlines()[-1].endswith("| — |")      # another budget
+    line = reproduce.table([{**row, "method": "intl", "epochs": 1000, "batch": 256}]).splitlines()[-1]
+    assert "90.03 (INTL 5-NN (Euclidean); ours 84.0)" in line
+    name, argv = reproduce.run_command("byol --ortho so", 3, reproduce.parse_args(["--epochs", "5", "--out", "x"]))
+    assert name == "byol-ortho-so-s3" and argv[-2:] == ["--ortho", "so"] and "--seed" in argv
