@@ -11,7 +11,6 @@ speed measures, per method: (a) the tensor pipeline alone (uint8 batch -> two au
 DataLoader with --num-workers workers. Prints a table and writes bench_speed.json (or --out).
 """
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -182,10 +181,11 @@ def method_args(module, args, run_dir, pipeline):
 def time_main(module, margs, data, warmup, steps, ready):
     """Run the method's main() on `data` for warmup + steps steps; returns seconds per step."""
     timed_loader = TimedLoader(data.train_loader, warmup, steps, torch.device(margs.device), ready=ready)
-    fake = dataclasses.replace(data, train_loader=timed_loader)
-    with mock.patch.object(module, "build_data", lambda *_: fake), \
+    fake = data._replace(train_loader=timed_loader)
+    fresh_folder = lambda args, is_main: tempfile.mkdtemp(dir=args.out_dir)  # noqa: E731  one per timed run
+    with mock.patch.object(module, "build_data", lambda *_: fake), mock.patch.object(module, "claim_run_folder", fresh_folder), \
             mock.patch.object(module, "evaluate", lambda *a, **k: {}), \
-            mock.patch.object(module, "end_of_epoch", lambda *a, **k: None):
+            mock.patch.object(module.Run, "end_of_epoch", lambda *a, **k: None):
         module.main(margs)
     return timed_loader.seconds_per_step()
 

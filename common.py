@@ -5,8 +5,8 @@
 # ImageFolder tree or torchvision's datasets. Optional modules beside it add speed, an offline data
 # set and torchrun: tensor_pipeline.py (batched augmentation on the GPU), synthetic.py, distributed.py.
 import argparse
+import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
@@ -14,8 +14,8 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
-import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -40,17 +40,16 @@ def small_convnet():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def build_backbone(arch, image_size, stem_padding=2):
+def build_backbone(arch, image_size):
     """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim).
     At 64 px or less the CIFAR stem replaces the 7x7/2 conv and max-pool, which lose most of 32 px:
     a 3x3/1 conv with padding 2, so 32 px inputs give 34x34 maps (solo-learn fca55e3
-    solo/methods/base.py; INTL 0aa69af src/resnet.py pads 1 before a padding-1 conv, the same).
-    Runs saved before this stem used padding 1 (their stored stem_padding)."""
+    solo/methods/base.py; INTL 0aa69af src/resnet.py pads 1 before a padding-1 conv, the same)."""
     if arch == "convnet":
         return small_convnet(), 256
     net = getattr(torchvision.models, arch)(weights=None)
     if image_size <= 64:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
         net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features  # 512 for resnet18/34, 2048 for resnet50
     net.fc = nn.Identity()
@@ -460,8 +459,10 @@ def evaluate(model, data, device, linear=False):
 
 
 # ##############################################################################################
-# PLUMBING: flags, seeding, data loading, checkpoints and logging. Nothing here is a method's
-# maths; read it when something about a run (not a result) surprises you.
+# PLUMBING: flags, processes, data, the run folder, checkpoints, logging and stopping. No method's maths
+# here; read it when something about a run (not a result) surprises you. A method's main() calls, in order:
+# start_processes, claim_run_folder, seed_everything, build_data, resume, Run, stop_safely, epoch_batches,
+# optimizer_step (above), then Run.train_step, Run.stop_if_signalled and Run.end_of_epoch.
 # ##############################################################################################
 
 # ---- Flags ---------------------------------------------------------------------------------------
@@ -470,17 +471,16 @@ RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every", "skip_ba
 
 
 def die(message, code=2):
-    """End a run with one readable line: exit code 2 for bad input (flags, data, run folder), 1 for a
-    failure while running (a write that fails, out of memory)."""
+    """End the run with one line: exit code 2 for bad input (flags, data, run folder), 1 for what goes wrong
+    while running that no change to the code fixes (out of memory, a failed write, data gone, a NaN loss)."""
     if os.environ.get("LOCAL_RANK", "0") == "0":  # torchrun: one line per machine, not one per process
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
 class Bounded:
-    """argparse type: a number of `kind` (int or float) within bounds, e.g. Bounded(float, gt=0) for > 0,
-    Bounded(int, ge=1), Bounded(float, ge=0, le=1). Every numeric flag has one (a test checks), so any
-    value out of range ends the parse in one line that names the valid range, exit code 2."""
+    """argparse type: a number of `kind` within bounds, e.g. Bounded(float, gt=0). Every numeric flag has one (a
+    test checks), so a value out of range ends the parse in one line naming the valid range, exit code 2."""
 
     def __init__(self, kind, gt=None, ge=None, le=None):
         self.kind, self.gt, self.ge, self.le = kind, gt, ge, le
@@ -488,14 +488,12 @@ class Bounded:
         self.valid = ("an integer " if kind is int else "a number ") + " and ".join(bounds)
 
     def __call__(self, text):
-        try:
+        with contextlib.suppress(ValueError):
             value = self.kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or (self.gt is not None and value <= self.gt) or \
-                (self.ge is not None and value < self.ge) or (self.le is not None and value > self.le):
-            raise argparse.ArgumentTypeError(f"expected {self.valid}, got {text}")
-        return value
+            if math.isfinite(value) and (self.gt is None or value > self.gt) and \
+                    (self.ge is None or value >= self.ge) and (self.le is None or value <= self.le):
+                return value
+        raise argparse.ArgumentTypeError(f"expected {self.valid}, got {text}")
 
     def __repr__(self):
         return self.valid
@@ -505,213 +503,136 @@ positive_int = Bounded(int, ge=1)
 
 
 def parse_or_die(parser, argv):
-    """parser.parse_args(argv), with any error (unknown flag, bad choice, value out of range) as one line, exit 2."""
+    """parser.parse_args(argv), any error (unknown flag, bad choice, value out of range) one line, exit 2."""
     parser.error = lambda message: die(f"{message} (see --help)")
     return parser.parse_args(argv)
 
 
 def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_decay, warmup_epochs,
                     final_lr_ratio, augmentations, probe_lr):
-    """The optimisation and augmentation flags of every method, with its recipe as their defaults: each
-    method file calls this with its real values, so the recipe reads at a glance."""
+    """The optimisation and augmentation flags, with the method's recipe as their defaults (its file gives them)."""
     add = parser.add_argument_group("recipe (defaults: this method's reference configuration)").add_argument
     add("--epochs", type=positive_int, default=epochs, help="pretraining epochs (default: %(default)s)")
-    add("--batch-size", type=Bounded(int, ge=2), default=batch_size,
-        help="images per step, two views each; at least 2, which BatchNorm and the losses compare "
-             "(default: %(default)s)")
-    add("--optimizer", choices=("lars", "sgd"), default=optimizer,
-        help="lars: biases and norms excluded from weight decay and trust scaling; sgd: momentum 0.9, decay on "
-             "every parameter (default: %(default)s)")
+    add("--batch-size", type=Bounded(int, ge=2), default=batch_size, help="images per step (default: %(default)s)")
+    add("--optimizer", choices=("lars", "sgd"), default=optimizer, help="lars: biases and norms without weight decay "
+        "or trust scaling; sgd: momentum 0.9, decay on every parameter (default: %(default)s)")
     add("--base-lr", type=Bounded(float, gt=0), default=base_lr,
-        help="lr at batch 256; peak lr = base-lr x batch / 256 (default: %(default)s)")
-    add("--weight-decay", type=Bounded(float, ge=0), default=weight_decay,
-        help="L2 weight decay (default: %(default)s)")
+        help="lr at batch 256: peak lr = base-lr x batch / 256 (default: %(default)s)")
+    add("--weight-decay", type=Bounded(float, ge=0), default=weight_decay, help="weight decay (default: %(default)s)")
     add("--warmup-epochs", type=Bounded(int, ge=0), default=warmup_epochs,
-        help="linear warm-up, then a cosine, per step (default: %(default)s, at most a tenth of --epochs unless given)")
+        help="linear warm-up, then a cosine, per step (default: %(default)s, at most a tenth of --epochs)")
     add("--final-lr-ratio", type=Bounded(float, ge=0, le=1), default=final_lr_ratio,
         help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
     add("--augmentations", choices=AUGMENTATIONS, default=augmentations,
-        help="named two-view recipe of the published configs, see README (default: %(default)s)")
-    add("--blur-p", type=Bounded(float, ge=0, le=1), default=None,
-        help="probability of the Gaussian blur on both views, replacing the recipe's (default: the recipe's)")
+        help="the views of a published config, see README (default: %(default)s)")
+    add("--blur-p", type=Bounded(float, ge=0, le=1), help="blur probability of every view (default: the recipe's)")
     add("--probe-lr", type=Bounded(float, gt=0), default=probe_lr,
         help="peak lr of the online linear probe, not scaled by the batch, no weight decay (default: %(default)s)")
 
 
 def add_common_args(parser):
-    """The infrastructure flags every method shares: data, device, precision, pipeline, logging, run
-    folder, resume and the orthogonality regularizer."""
+    """The infrastructure flags every method shares: data, device, precision, logging, run folder, resume, --ortho."""
     add = parser.add_argument_group("data").add_argument
-    add("--dataset", choices=DATASETS, default="cifar10",
-        help="cifar10/cifar100/stl10 download into --data-dir; folder reads DATA_DIR/train and DATA_DIR/test (or "
-             "val) as ImageFolders; synthetic is generated offline (default: %(default)s)")
+    add("--dataset", choices=DATASETS, default="cifar10", help="cifar10/cifar100/stl10 download into --data-dir; "
+        "folder: DATA_DIR/{train,test or val}/<class>/*; synthetic: generated offline (default: %(default)s)")
     add("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
     add("--synthetic-size", type=Bounded(int, ge=10), default=5000,
         help="training images of --dataset synthetic; the test set is a fifth (default: %(default)s)")
-    add("--image-size", type=Bounded(int, ge=8), default=None,
-        help="crop size (default: the dataset's: 32 CIFAR, 96 STL-10, a folder's first image)")
-    add("--pipeline", choices=("auto", "tensor", "pil"), default="auto",
-        help="tensor: uint8 images in memory on the training device, augmented in batches (tensor_pipeline.py); "
-             "pil: torchvision transforms in DataLoader workers; auto: tensor when it fits (default: %(default)s)")
+    add("--image-size", type=Bounded(int, ge=8),
+        help="crop size (default: the dataset's: 32 CIFAR, 96 STL-10, a folder's first image, 224 above 96 px)")
+    add("--pipeline", choices=("auto", "tensor", "pil"), default="auto", help="tensor: uint8 images on the device, "
+        "augmented in batches (tensor_pipeline.py); pil: DataLoader workers; auto: tensor if it fits")
     add("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
         help="data loading processes of the pil pipeline (default: %(default)s, the CPU threads up to 8)")
-    add("--overlap", action="store_true",
-        help="tensor pipeline: augment the next batch while this step runs (on a GPU, on a side CUDA stream); the "
-             "same batches either way (default: off)")
-    add("--skip-bad-images", action="store_true",
-        help="train without the unreadable images of a --dataset folder (default: stop and list them)")
+    add("--overlap", action="store_true", help="tensor pipeline: augment the next batch during this step")
+    add("--skip-bad-images", action="store_true", help="leave out the unreadable images of a folder (default: stop)")
     add = parser.add_argument_group("run").add_argument
-    add("--arch", choices=ARCHS, default="resnet18",
-        help="backbone; convnet is a 4-layer net for quick CPU checks only (default: %(default)s)")
-    add("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
+    add("--arch", choices=ARCHS, default="resnet18", help="backbone; convnet: 4 layers, for CPU checks (default: "
+        "%(default)s)")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-        help="autocast dtype of the forward pass; losses stay fp32 (default: %(default)s: bf16 on a GPU, else fp32)")
-    add("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"), default=None,
-        metavar="MODE", help="torch.compile the backbone (slow start, faster steps on a GPU); MODE default, "
-                             "reduce-overhead (CUDA graphs) or max-autotune (default: off; MODE default: default)")
-    add("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0,
-        help="seeds python, numpy, torch and the data order (default: %(default)s)")
-    add("--eval-every", type=positive_int, default=None,
-        help="kNN every N epochs and at the end (default: a tenth of --epochs)")
+        help="autocast dtype of the forward pass; losses stay fp32 (default: auto: bf16 on a GPU, else fp32)")
+    add("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+        metavar="MODE", help="torch.compile the backbone in MODE (default: default; reduce-overhead: CUDA graphs)")
+    add("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0, help="seeds everything (default: %(default)s)")
+    add("--eval-every", type=positive_int, help="evaluate every N epochs and at the end (default: a tenth of --epochs)")
     add("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
     add("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
-    add("--run-name", default=None, help="run folder name (default: method-dataset-arch-seed-time)")
-    add("--resume", default=None, metavar="PATH",
-        help="continue from a checkpoint.pt with its stored arguments (only --device, --num-workers, --data-dir, "
-             "--log-every and --skip-bad-images may change)")
+    add("--run-name", help="run folder name, a new one (default: method-dataset-arch-seed-time)")
+    add("--resume", metavar="PATH", help="continue from a checkpoint.pt with its arguments (only --device, "
+        "--num-workers, --data-dir, --log-every and --skip-bad-images may change)")
     add = parser.add_argument_group("orthogonality regularization (He, Du, Ma, NeurIPS 2024)").add_argument
-    add("--ortho", choices=ORTHO_KINDS, default="none",
-        help="penalty on the backbone's conv and linear weights: so = soft orthogonality, srip = spectral norm of "
-             "W^T W - I (default: %(default)s)")
-    add("--ortho-weight", type=Bounded(float, ge=0), default=None,
-        help="weight of the --ortho penalty (default: 1e-6 for so, 1e-3 for srip, the paper's ResNet values)")
+    add("--ortho", choices=ORTHO_KINDS, default="none", help="penalty on the backbone's conv and linear weights: "
+        "so = soft orthogonality, srip = spectral norm of W^T W - I (default: %(default)s)")
+    add("--ortho-weight", type=Bounded(float, ge=0), help="weight of the penalty (default: 1e-6 so, 1e-3 srip, the "
+        "paper's)")
     add("--ortho-heads", action="store_true", help="regularise the projector and predictor too, not only the backbone")
 
 
 def parse_run_args(parser, argv, method, offline_check):
-    """Parse argv (None: the command line) and return args, with the defaults that depend on other
-    flags filled in and the combination checked.
-
-    --dataset synthetic is the quick offline check: the method's `offline_check` settings (e.g. the
-    convnet for 40 epochs) replace the recipe's defaults there, and flags given on the command line
-    still win. --warmup-epochs, when not given, is capped at a tenth of --epochs; --eval-every
-    defaults to a tenth of --epochs. --resume takes every argument from the checkpoint except
-    RESUME_OVERRIDABLE.
-    """
+    """Parse argv (None: the command line) once. A flag given on the command line always wins; the defaults
+    that depend on other flags fill in the rest: --dataset synthetic (the offline check) takes the method's
+    offline_check settings, --warmup-epochs is capped at a tenth of --epochs, --eval-every is a tenth of
+    --epochs, --ortho-weight the paper's value for --ortho. --resume takes the checkpoint's arguments; only
+    RESUME_OVERRIDABLE may be given again."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser.allow_abbrev = False  # every flag spelled out in full, as `given` reads them
     parser.epilog = ("--dataset synthetic (the offline check) changes these defaults: "
                      + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in offline_check.items()))
     args = parse_or_die(parser, argv)
-    if args.dataset == "synthetic":  # parsed again with the offline check's defaults
-        parser.set_defaults(**offline_check)
-        args = parser.parse_args(argv)
+    options = {option: action.dest for action in parser._actions for option in action.option_strings}
+    given = {options[word.split("=")[0]] for word in argv if word.split("=")[0] in options}
     if args.resume:
-        typed = {k: v for k, v in vars(args).items() if k != "resume" and v != parser.get_default(k)}
-        refused = sorted("--" + k.replace("_", "-") for k in set(typed) - set(RESUME_OVERRIDABLE))
+        refused = sorted("--" + k.replace("_", "-") for k in given - {"resume", *RESUME_OVERRIDABLE})
         if refused:
             die(f"--resume continues a run with its stored arguments; only --device, --num-workers, --data-dir, "
                 f"--log-every and --skip-bad-images may change, not {', '.join(refused)}")
         stored = load_checkpoint(args.resume)
-        if stored.get("method") != method or "args" not in stored:
-            die(f"{args.resume} is not a {method}.py training checkpoint "
-                f"(written by {stored.get('method', 'something else')}); resume it with that script")
-        older = {"ortho": "none", "ortho_weight": 0.0, "ortho_heads": False,  # runs saved before these flags existed
-                 "pipeline": "pil", "compile": None, "overlap": False, "blur_p": None, "stem_padding": 1,
-                 "skip_bad_images": False}
-        args = SimpleNamespace(**{**older, **stored["args"], **typed, "resume": args.resume})
+        if stored.get("method") != method:
+            die(f"{args.resume} is " + (f"a {stored['method']}.py checkpoint; resume it with that script" if "method"
+                in stored else "not a training checkpoint (a backbone.pt holds weights only)"))
+        args = argparse.Namespace(**{**stored["args"], **{name: getattr(args, name) for name in given}})
     else:
-        if args.warmup_epochs == parser.get_default("warmup_epochs"):  # the reference value, for short runs
+        for name, value in (offline_check if args.dataset == "synthetic" else {}).items():
+            setattr(args, name, getattr(args, name) if name in given else value)
+        if "warmup_epochs" not in given:
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
-        args.eval_every = args.eval_every or max(1, args.epochs // 10)
+        if "eval_every" not in given:
+            args.eval_every = max(1, args.epochs // 10)
         if args.ortho == "none" and args.ortho_weight:
             die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
-        if args.ortho_weight is None:
-            args.ortho_weight = ORTHO_WEIGHTS[args.ortho]
-        args.method, args.stem_padding = method, 2  # stored: runs saved before the 34 px stem used 1
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.ortho_weight = ORTHO_WEIGHTS[args.ortho] if args.ortho_weight is None else args.ortho_weight
+        args.method, stamp = method, time.strftime("%Y%m%d-%H%M%S")
         args.run_name = args.run_name or f"{method}-{args.dataset}-{args.arch}-s{args.seed}-{stamp}"
-        check_new_run_folder(args.out_dir, args.run_name, method)
+        if os.path.basename(args.run_name) != args.run_name or args.run_name in (".", ".."):
+            die(f"--run-name {args.run_name} must be a plain folder name; put the parent folder in --out-dir")
     args.device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, args.device)
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         die("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if args.warmup_epochs > args.epochs:
-        die(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}; "
-            f"pass --warmup-epochs {args.epochs // 10} or fewer")
+        die(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}; pass {args.epochs} or fewer")
     return args
 
 
-def check_new_run_folder(out_dir, run_name, method):
-    """A new run never writes into a folder that holds files: an earlier run's checkpoint is resumed or
-    kept, never overwritten."""
-    run_dir = os.path.join(out_dir, run_name)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        die(f"--out-dir {out_dir} is a file; name a folder (it is created if missing)")
-    if os.path.basename(run_name) != run_name or run_name in (".", ".."):
-        die(f"--run-name {run_name} must be a plain folder name; put the parent folder in --out-dir")
-    if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        die(f"{run_dir} holds a run already; continue it with `python {method}.py --resume "
-            f"{os.path.join(run_dir, 'checkpoint.pt')}`, or start over under another --run-name (or delete {run_dir})")
-    if os.path.exists(run_dir) and (not os.path.isdir(run_dir) or os.listdir(run_dir)):
-        die(f"{run_dir} exists and is not an empty folder; choose another --run-name (or delete {run_dir})")
-
-
 def resolve_device(name):
-    """'auto' -> cuda when torch sees a GPU, else cpu; cpu, cuda, cuda:N or mps, else an error."""
+    """'auto': cuda when torch sees a GPU, else cpu. cpu, cuda, cuda:N and mps when torch sees them."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        die(f"--device {name} is not a device this code runs on; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {name} was asked for but torch sees no GPU; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        die(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), cuda:0 and up")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        die(f"--device {name} was asked for but torch sees no Apple GPU; use --device cpu")
-    return name
+    cuda = name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())
+    if name == "cpu" or (name == "mps" and torch.backends.mps.is_available()) or \
+            (cuda and int(name[5:] or 0) < torch.cuda.device_count()):
+        return name
+    die(f"--device {name} is not a device this code runs on here (torch sees {torch.cuda.device_count()} GPUs); use "
+        f"auto, cpu, cuda, cuda:N or mps")
 
 
 def resolve_precision(precision, device):
-    """'auto' -> bf16 autocast on a GPU, fp32 on the CPU (where bf16 convolutions are slow)."""
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return precision
+    """'auto': bf16 autocast on a GPU, fp32 on the CPU (where bf16 convolutions are slow)."""
+    return ("bf16" if device.startswith("cuda") else "fp32") if precision == "auto" else precision
 
 
-# ---- Seeding and the device ----------------------------------------------------------------------
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def seed_worker(worker_id):
-    # DataLoader gives each worker torch seed = base_seed + worker_id; derive python/numpy from it,
-    # otherwise forked workers would share the parent's python and numpy RNG states.
-    worker_seed = torch.initial_seed() % 2**32
-    random.seed(worker_seed)
-    np.random.seed(worker_seed)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C reaches the whole process group: the main process
-        signal.signal(signum, signal.SIG_IGN)      # finishes its step and stops the workers itself
-
-
-def prepare_model(model, device, compile=None):
-    """The GPU fast path: channels_last weights (with channels_last inputs, cuDNN's tensor-core
-    kernels need no layout changes) and, with --compile MODE, every backbone compiled in place in that
-    torch.compile mode (state dict names unchanged, so checkpoints load with or without it)."""
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    if compile:
-        for name, module in model.named_modules():
-            if name.endswith("backbone"):
-                module.compile(mode="default" if compile is True else compile)  # True: a run saved before MODE
-    return model
-
-
-# ---- Many processes: torchrun --nproc_per_node N METHOD.py, the same steps as one process ----------
+# ---- Processes and seeding -----------------------------------------------------------------------
 # distributed.py (optional, beside this file) holds the torchrun plumbing; without it, or in one process,
 # gather, average_gradients, sync_batch_norm, mean_over_processes and signalled_anywhere change nothing.
 try:
@@ -736,72 +657,102 @@ def start_processes(device, batch_size):
     return join_processes(device, batch_size, world_size), world_size
 
 
-# ---- Data loading --------------------------------------------------------------------------------
-# Per-channel mean and std of each training set. `folder` uses ImageNet's; `synthetic` is measured
-# on the generated images.
-NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+
+
+def seed_worker(worker_id):
+    """DataLoader seeds each worker's torch from the loader's generator; python and numpy follow it (forked
+    workers would share the parent's). Signals are the main process's: it finishes its step, then stops them."""
+    random.seed(torch.initial_seed() % 2**32)
+    np.random.seed(torch.initial_seed() % 2**32)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def prepare_model(model, device, compile=None):
+    """The GPU fast path: channels_last weights (cuDNN's tensor-core kernels then need no layout change) and,
+    with --compile MODE, every backbone compiled in place (the state dict's names unchanged)."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    for name, module in model.named_modules():
+        if compile and name.endswith("backbone"):
+            module.compile(mode=compile)
+    return model
+
+
+# ---- Data ----------------------------------------------------------------------------------------
+# Per-channel mean and std of each training set; `folder` takes ImageNet's, `synthetic` its own images'.
+NORMALIZATION = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+                 "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+                 "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+                 "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32}
+UNREADABLE = {}  # (folder, number of images) -> its unreadable images: each folder is decoded once per process
 
 
 def torchvision_split(name, data_dir, split, transform):
     """One split of a torchvision dataset, downloaded into data_dir if missing."""
     try:
-        if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split != "test", transform=transform, download=True)
-        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
-        return torchvision.datasets.STL10(data_dir, split=stl_split, transform=transform, download=True)
+        if name == "stl10":
+            stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+            return torchvision.datasets.STL10(data_dir, split=stl_split, transform=transform, download=True)
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        return cls(data_dir, train=split != "test", transform=transform, download=True)
     except Exception as exc:  # offline: URLError, a timeout, a checksum failure...
-        die(f"could not load or download {name} into {os.path.abspath(data_dir)} "
-            f"({type(exc).__name__}). Offline? Put torchvision's {name} files there, or use "
-            f"--dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) or --dataset synthetic")
+        die(f"could not load or download {name} into {os.path.abspath(data_dir)} ({type(exc).__name__}). Offline? "
+            f"Put torchvision's {name} files there, or use --dataset folder --data-dir DIR (DIR/train/<class>/*.jpg) "
+            f"or --dataset synthetic")
 
 
-def unreadable(paths):
-    """Those of paths that PIL cannot decode in full: truncated, not an image, unreadable."""
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.convert("RGB")
-        except OSError:  # PIL's UnidentifiedImageError is one
-            bad.append(path)
-    return bad
+def read_image(path):
+    """The RGB pixels (H, W, 3) uint8 of an image file, or None when PIL cannot decode it in full."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError:  # truncated, not an image (PIL's UnidentifiedImageError), unreadable
+        return None
 
 
-UNREADABLE = {}  # (folder, number of images) -> its unreadable images: each folder is decoded once per process
+def left_out(bad, root, skip_bad):
+    """Unreadable images stop the run in one line that counts and names them, or with skip_bad are left out."""
+    if bad:
+        what = f"{len(bad)} unreadable image{'s' * (len(bad) > 1)} in {root}: " + ", ".join(bad[:3]) + ", ..." * (
+            len(bad) > 3)
+        if not skip_bad:
+            die(f"{what}; fix or delete {'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to leave them out")
+        print(f"skipped: {what}", flush=True)
+    return set(bad)
 
 
-def drop_unreadable(dataset, skip_bad):
-    """Decode every image of an ImageFolder once (in DataLoader workers for large folders). Unreadable ones
-    end the run in one line that counts and lists them, or with skip_bad are left out of the dataset."""
-    key = (dataset.root, len(dataset.samples))
-    if key not in UNREADABLE:
-        workers = min(8, os.cpu_count() or 1) if len(dataset) > 2000 else 0
-        paths = torch.utils.data.DataLoader([path for path, _ in dataset.samples], batch_size=64, num_workers=workers,
-                                            collate_fn=unreadable,  # decoded in the workers; an own generator
-                                            generator=torch.Generator())  # leaves the run's random stream alone
-        UNREADABLE[key] = [path for bad in paths for path in bad]
-        if UNREADABLE[key] and skip_bad:
-            print(f"skipped: {bad_images_message(UNREADABLE[key], dataset.root).split('; ')[0]}", flush=True)
-    if UNREADABLE[key] and not skip_bad:
-        die(bad_images_message(UNREADABLE[key], dataset.root))
-    gone = set(UNREADABLE[key])
-    dataset.samples = dataset.imgs = [sample for sample in dataset.samples if sample[0] not in gone]
-    dataset.targets = [target for _, target in dataset.samples]
+def image_folder(data_dir, split, transform, skip_bad=None):
+    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test. With skip_bad True or
+    False every image is decoded once (in DataLoader workers for large folders), and unreadable ones stop the
+    run or are left out; None only lists the files."""
+    subs = ["train"] if split != "test" else ["test", "val"]
+    path = next((os.path.join(data_dir, sub) for sub in subs if os.path.isdir(os.path.join(data_dir, sub))), None)
+    if path is None:
+        die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(subs))}: --dataset folder "
+            f"expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; set --data-dir")
+    try:
+        dataset = torchvision.datasets.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        die(f"{path} holds no images in class folders ({exc}); expected {path}/<class>/<image>.jpg")
+    if skip_bad is not None:
+        key = (path, len(dataset.samples))
+        if key not in UNREADABLE:  # an own generator: the run's random stream is left alone
+            batches = torch.utils.data.DataLoader([p for p, _ in dataset.samples], batch_size=64,
+                                                  num_workers=min(8, os.cpu_count()) if len(dataset) > 2000 else 0,
+                                                  collate_fn=lambda ps: [p for p in ps if read_image(p) is None],
+                                                  generator=torch.Generator())
+            UNREADABLE[key] = [p for bad in batches for p in bad]
+            left_out(UNREADABLE[key], path, skip_bad)
+        dataset.samples = dataset.imgs = [s for s in dataset.samples if s[0] not in set(UNREADABLE[key])]
+        dataset.targets = [target for _, target in dataset.samples]
     return dataset
-
-
-def bad_images_message(paths, root):
-    """One line: how many images of root are unreadable, the first three, and what to do."""
-    listed = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
-    return (f"{len(paths)} unreadable image{'s' * (len(paths) > 1)} in {root}: {listed}; fix or delete "
-            f"{'them' if len(paths) > 1 else 'it'}, or pass --skip-bad-images to leave them out")
 
 
 def first_image_size(dataset):
@@ -812,34 +763,11 @@ def first_image_size(dataset):
     die(f"no readable image in {dataset.root}")
 
 
-def image_folder(data_dir, split, transform, skip_bad=None):
-    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test. skip_bad None
-    lists the images only; True or False also decodes them all once (drop_unreadable)."""
-    candidates = ["train"] if split != "test" else ["test", "val"]
-    for sub in candidates:
-        path = os.path.join(data_dir, sub)
-        if os.path.isdir(path):
-            try:
-                dataset = torchvision.datasets.ImageFolder(path, transform=transform)
-            except (FileNotFoundError, RuntimeError) as exc:
-                die(f"{path} holds no images in class folders ({exc}); "
-                    f"expected {path}/<class>/<image>.jpg")
-            return dataset if skip_bad is None else drop_unreadable(dataset, skip_bad)
-    die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(candidates))}: "
-        f"--dataset folder expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; "
-        f"set --data-dir")
-
-
-def folder_image_size(data_dir):
-    """Shorter side of the first training image; images above 64 px are trained at 224."""
-    side = min(first_image_size(image_folder(data_dir, "train", None)))
-    return side if side <= 96 else 224
-
-
 def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip_bad_images=False):
-    """How to get a dataset: a namespace with make(split, transform) -> a Dataset for split in
-    pretrain/train/test, the normalisation mean and std, the crop size (image_size, else the
-    dataset's own), and name, data_dir and skip_bad_images (for tensor_pipeline.py)."""
+    """How to get a dataset: make(split, transform), a Dataset of split pretrain, train or test; the normalising
+    mean and std; the crop size (image_size, else the dataset's: a folder's first image's shorter side, 224 above
+    96 px); name, data_dir and skip_bad_images (for tensor_pipeline.py)."""
+    mean, std = NORMALIZATION.get(dataset, (None, None))
     if dataset == "synthetic":
         try:
             import synthetic
@@ -847,49 +775,35 @@ def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip
             die("--dataset synthetic needs synthetic.py beside common.py; use --dataset folder or cifar10")
         splits = synthetic.splits(synthetic_size)
         mean, std = synthetic.normalization(splits["train"][0])
-        image_size = image_size or NATIVE_SIZE["synthetic"]
         make = lambda split, transform: synthetic.ArrayImageDataset(*splits[split], transform)  # noqa: E731
     elif dataset == "folder":
-        mean, std = NORMALIZATION["folder"]
-        image_size = image_size or folder_image_size(data_dir)
+        side = image_size or min(first_image_size(image_folder(data_dir, "train", None)))
+        image_size = side if side <= 96 else 224
         make = lambda split, transform: image_folder(data_dir, split, transform, skip_bad_images)  # noqa: E731
     else:
-        mean, std = NORMALIZATION[dataset]
-        image_size = image_size or NATIVE_SIZE[dataset]
         make = lambda split, transform: torchvision_split(dataset, data_dir, split, transform)  # noqa: E731
-    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std, image_size=image_size,
-                           skip_bad_images=skip_bad_images)
+    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std,
+                           image_size=image_size or NATIVE_SIZE.get(dataset), skip_bad_images=skip_bad_images)
 
 
 def loader_kwargs(num_workers, device):
-    # Workers are restarted every epoch and seeded from the loader's generator, which
-    # set_data_epoch reseeds: a resumed run draws the same augmentations as an uninterrupted one.
+    """Workers restart every epoch, seeded from the loader's generator (reseeded by set_data_epoch)."""
     return dict(num_workers=num_workers, pin_memory=device.startswith("cuda"), worker_init_fn=seed_worker)
 
 
-@dataclasses.dataclass
-class Data:
-    """What build_data returns. A method's loop reads only train_loader: any iterable with len()
-    that yields ((x1, x2), labels), two augmented views (B, 3, H, W), works, a plain
-    torch.utils.data.DataLoader included (with a `generator`, set_data_epoch makes resume exact).
-    The eval loaders yield clean, normalised (images, labels) batches in order."""
-    train_loader: object
-    eval_train_loader: object
-    eval_test_loader: object
-    num_classes: int
-    image_size: int            # the crop size it chose: stored with the run, so a resume rebuilds the same
-    mean: tuple
-    std: tuple
-    pipeline: str              # "tensor" or "pil", as chosen by --pipeline auto
+# What build_data returns. A method's loop reads train_loader only: any iterable with len() that yields ((x1, x2),
+# labels), two views (B, 3, H, W), works, a plain DataLoader included (with a `generator`, set_data_epoch makes
+# resume exact). The eval loaders yield clean (images, labels) in order. image_size (the crop size) and pipeline
+# ("tensor" or "pil") are what was chosen, stored with the run so that a resume rebuilds the same.
+Data = collections.namedtuple("Data", "train_loader eval_train_loader eval_test_loader num_classes image_size mean std "
+                                      "pipeline")
 
 
 def build_data(args, rank=0, world_size=1):
-    """The pretraining loader (two augmented views per image) and clean loaders for evaluation:
-    the tensor pipeline (tensor_pipeline.py: uint8 images on the training device, augmented in
-    batches) when it is beside this file and the dataset fits in memory, else torchvision's PIL
-    transforms in DataLoader workers (--pipeline). Reads args, changes nothing; returns Data.
-    Under torchrun the pretraining loader yields process `rank`'s share of every global batch of
-    --batch-size, with the images and views one process gives that slice."""
+    """The pretraining loader (two augmented views per image) and clean loaders for evaluation: the tensor
+    pipeline (tensor_pipeline.py) when it is beside this file and the dataset fits in memory, else torchvision's
+    PIL transforms in DataLoader workers. Reads args, changes nothing. Under torchrun the pretraining loader yields
+    process `rank`'s share of every global batch, with the views one process gives that share."""
     source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size, args.skip_bad_images)
     if args.pipeline != "pil":
         try:
@@ -903,37 +817,32 @@ def build_data(args, rank=0, world_size=1):
                                               torch.device(args.device), rank, world_size, args.overlap, args.blur_p)
             if data is not None:
                 return data
-
     print(f"data: PIL pipeline, torchvision transforms in {args.num_workers} DataLoader workers")
-    view1, view2 = augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std,
-                                       args.blur_p)
+    views = TwoViews(*augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std, args.blur_p))
     clean = eval_transform(source.image_size, source.mean, source.std)
-    pretrain_set = source.make("pretrain", TwoViews(view1, view2))
-    eval_train_set, eval_test_set = source.make("train", clean), source.make("test", clean)
+    pretrain_set, train_set, test_set = source.make("pretrain", views), source.make("train", clean), source.make(
+        "test", clean)
     if len(pretrain_set) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
-    generator = torch.Generator().manual_seed(args.seed)  # the order and every image's seed; set_data_epoch reseeds it
+    generator = torch.Generator().manual_seed(args.seed)  # the order and every image's seed; set_data_epoch reseeds
     train_loader = torch.utils.data.DataLoader(
         SeededImages(pretrain_set), batch_sampler=GlobalBatches(len(pretrain_set), args.batch_size, rank, world_size,
                                                                 generator),
         generator=generator, **loader_kwargs(args.num_workers, args.device))
     eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
-        dataset, batch_size=512, shuffle=False, generator=torch.Generator(),  # leaves the global RNG alone
-        **loader_kwargs(args.num_workers, args.device))
-    return Data(train_loader, eval_loader(eval_train_set), eval_loader(eval_test_set), len(eval_train_set.classes),
-                source.image_size, source.mean, source.std, "pil")
+        dataset, batch_size=512, generator=torch.Generator(), **loader_kwargs(args.num_workers, args.device))
+    return Data(train_loader, eval_loader(train_set), eval_loader(test_set), len(train_set.classes), source.image_size,
+                source.mean, source.std, "pil")
 
 
 class GlobalBatches(torch.utils.data.Sampler):
-    """The PIL pipeline's batches, as lists of (image index, seed of its views): the epoch's order and one
-    seed per position drawn from `generator` (the same in every process), then process `rank`'s slice of
-    each global batch; the last partial batch is dropped. The views depend neither on the number of
-    processes nor on the loader's workers."""
+    """The PIL pipeline's batches of (image index, seed of its views): the epoch's order and a seed per position
+    drawn from `generator` (the same in every process), then process `rank`'s share of each global batch; the
+    last partial batch dropped. The views depend on neither the number of processes nor the workers."""
 
     def __init__(self, num_images, batch_size, rank, world_size, generator):
         self.num_images, self.batch_size, self.generator = num_images, batch_size, generator
-        share = batch_size // world_size
-        self.part = slice(rank * share, (rank + 1) * share)
+        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
     def __len__(self):
         return self.num_images // self.batch_size
@@ -942,7 +851,7 @@ class GlobalBatches(torch.utils.data.Sampler):
         order = torch.randperm(self.num_images, generator=self.generator).tolist()
         seeds = torch.randint(2**62, (self.num_images,), generator=self.generator).tolist()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield [(order[i], seeds[i]) for i in range(start, start + self.batch_size)[self.part]]
+            yield [(order[i], seeds[i]) for i in range(start, start + self.batch_size)[self.share]]
 
 
 class SeededImages(torch.utils.data.Dataset):
@@ -955,31 +864,48 @@ class SeededImages(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
-        index, seed = item
-        with torch.random.fork_rng(devices=[]):  # leaves the process's own random stream alone
-            torch.default_generator.manual_seed(seed)  # the CPU generator torchvision's transforms draw from
-            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # the process's own random stream is left alone
+            torch.manual_seed(item[1])  # the CPU generator torchvision's transforms draw from
+            return self.dataset[item[0]]
 
 
 def set_data_epoch(train_loader, seed, epoch):
-    """Reseed the loader's generator, if it has one, so epoch e sees the same order and views
-    whether or not the run was resumed."""
+    """Reseed the loader's generator, if it has one: epoch e sees the same order and views, resumed or not."""
     if getattr(train_loader, "generator", None) is not None:
         train_loader.generator.manual_seed(seed * 100_003 + epoch)
 
 
-# ---- Checkpoints and logging ---------------------------------------------------------------------
-def prepare_run_dir(args):
-    """runs/<run_name>/ with args.json; a resumed run keeps writing into its own folder."""
+def epoch_batches(train_loader, seed, epoch, global_step):
+    """The batches of `epoch` still to train: the loader reseeded for the epoch, less the steps a run resumed
+    mid-epoch has trained. Those are still drawn (loaded and augmented), since the draws of the batches after
+    them follow theirs in the loader's own generator: a resume costs their loading, not their training."""
+    set_data_epoch(train_loader, seed, epoch)
+    done = max(0, global_step - epoch * len(train_loader))
+    batches = iter(train_loader if done < len(train_loader) else ())  # all done: only the evaluation is left
+    for _ in itertools.islice(batches, done):
+        pass
+    return batches
+
+
+# ---- The run folder and checkpoints: each file written whole, or not at all ----------------------
+def claim_run_folder(args, is_main=True):
+    """The run's folder: a resumed run's own, or a new one. The process that saves creates a new one here, in one
+    step that fails if it exists (os.makedirs), so a run never writes into another's, even one started at once."""
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
-    run_dir = os.path.join(args.out_dir, args.run_name)  # parse_run_args checked that it holds no run
+    run_dir = os.path.join(args.out_dir, args.run_name)
     try:
-        os.makedirs(run_dir, exist_ok=True)
+        if is_main:
+            os.makedirs(run_dir)
+    except FileExistsError:
+        if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            die(f"{run_dir} holds a run already; continue it with `python {args.method}.py --resume "
+                f"{os.path.join(run_dir, 'checkpoint.pt')}`, or start over under another --run-name (or delete it)")
+        die(f"{run_dir} exists already; choose another --run-name (or delete {run_dir})")
+    except NotADirectoryError:
+        die(f"--out-dir {args.out_dir} is a file; name a folder (it is created if missing)")
     except OSError as exc:
         write_failed(run_dir, exc)
-    atomic_write(os.path.join(run_dir, "args.json"), "w",
-                 lambda f: json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2))
     return run_dir
 
 
@@ -987,57 +913,47 @@ def write_failed(path, exc):
     """One line naming the path and the cause (disk full, no permission, read-only...), exit code 1."""
     while exc is not None and not isinstance(exc, OSError):  # torch.save raises a RuntimeError from the OSError
         exc = exc.__cause__ or exc.__context__
-    cause = exc.strerror or str(exc) if exc is not None else "the writer failed"
-    die(f"could not write {path}: {cause}; any earlier version of it is intact", code=1)
+    die(f"could not write {path}: {exc.strerror or exc if exc else 'the writer failed'}; any earlier version of it "
+        f"is intact", code=1)
 
 
 def atomic_write(path, mode, write):
-    """write(f) into path.tmp, flushed to disk, then renamed over path: a crash or a failed write leaves the
-    earlier file intact and no temporary file; a failed write ends the run in one line (write_failed)."""
-    tmp = f"{path}.tmp"
+    """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a crash or a failed
+    write leaves the earlier file intact and no temporary file, and a failed write is one line (write_failed)."""
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:  # also a second Ctrl-C in the middle of the write
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, (OSError, RuntimeError)):
-            write_failed(path, exc)
-        raise
+        with tempfile.NamedTemporaryFile(mode, dir=os.path.dirname(path) or ".", suffix=".tmp", delete=False) as f:
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:  # also a second Ctrl-C in the middle of the write
+                os.remove(f.name)
+                raise
+        os.replace(f.name, path)
+    except (OSError, RuntimeError) as exc:
+        write_failed(path, exc)
 
 
 def atomic_save(obj, path):
-    """torch.save through atomic_write."""
     atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def rng_states():
     numpy_state = np.random.get_state()
     return {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states):
     random.setstate((states["python"][0], tuple(states["python"][1]), states["python"][2]))
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state[0], np.array(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scaler, epoch, global_step, args):
-    """Everything needed to continue: epoch counts completed epochs."""
-    atomic_save({"method": args.method, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step,
-                 "args": vars(args), "rng": rng_states()}, path)
-
-
 def load_checkpoint(path):
+    """A checkpoint.pt's contents, or one line saying why not."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path}")
     try:
@@ -1050,178 +966,140 @@ def load_checkpoint(path):
 
 
 def resume(path, model, optimizer, scaler):
-    """Restore a run in place; returns (completed epochs, global step)."""
+    """Restore a run in place from its checkpoint; returns (completed epochs, global step)."""
     state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        die(f"{path} was written by an earlier version of this code (before the online probe), so it cannot be "
-            f"resumed here ({type(exc).__name__}); evaluate it with eval_linear.py, or resume it at its own commit")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
     print(f"resumed {path} at epoch {state['epoch']}, step {state['global_step']}")
     return state["epoch"], state["global_step"]
 
 
-def format_duration(seconds):
-    seconds = int(seconds)
-    hours, minutes = divmod(seconds // 60, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds % 60:02d}s"
+# ---- The run: its records, its checkpoints, and how it stops -------------------------------------
+class Run:
+    """What the loop records and saves. is_main: this process saves, logs and evaluates (the one process; under
+    torchrun rank 0, while the others wait). It writes into run_dir: args.json (a new run's arguments), a JSON
+    line per log step and evaluation in metrics.jsonl, checkpoint.pt every epoch, backbone.pt at the end.
+    train_step runs every step but reads the loss terms (a host sync) every --log-every steps only; images/s
+    and the ETA are measured over that window, time outside the steps (evaluation, checkpoints) left out."""
 
-
-class RunLogger:
-    """Progress lines on stdout and one JSON line per record in run_dir/metrics.jsonl.
-
-    train_step is called every optimiser step but only reads the loss terms (a host sync) every
-    log_every steps; images/s and the ETA are measured over that window, not the whole run.
-    """
-
-    def __init__(self, run_dir, epochs, steps_per_epoch, batch_size, log_every):
-        self.path = run_dir and os.path.join(run_dir, "metrics.jsonl")  # None: a torchrun process other than rank 0
-        self.epochs, self.steps_per_epoch, self.batch_size = epochs, steps_per_epoch, batch_size
-        self.log_every = log_every
-        self.total_steps = epochs * steps_per_epoch
+    def __init__(self, args, run_dir, is_main, model, optimizer, scaler, data, device):
+        self.args, self.run_dir, self.is_main, self.model, self.optimizer = args, run_dir, is_main, model, optimizer
+        self.scaler, self.data, self.device, self.saved = scaler, data, device, None  # saved: (epoch, step)
+        self.steps_per_epoch = len(data.train_loader) if data is not None else 1
+        self.total_steps, self.metrics = args.epochs * self.steps_per_epoch, os.path.join(run_dir, "metrics.jsonl")
         self.window_start, self.window_steps = time.perf_counter(), 0
+        if is_main and not args.resume:
+            atomic_write(os.path.join(run_dir, "args.json"), "w",
+                         lambda f: json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2))
 
     def write(self, record):
-        if not self.path:
-            return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as exc:
-            write_failed(self.path, exc)
+        if self.is_main:
+            try:
+                with open(self.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                write_failed(self.metrics, exc)
 
-    def due(self, global_step):
-        """Whether train_step(global_step) will log: every log_every steps and at the last step."""
-        return global_step % self.log_every == 0 or global_step == self.total_steps
+    def log_due(self, global_step):
+        """Whether train_step(global_step) logs: every --log-every steps and at the last step."""
+        return global_step % self.args.log_every == 0 or global_step == self.total_steps
 
     def train_step(self, epoch, global_step, terms, lr):
         self.window_steps += 1
-        if not self.due(global_step):
+        if not self.log_due(global_step):
             return
-        values = {
-            name: float(value.detach() if torch.is_tensor(value) else value)  # tensors: a host sync, once a window
-            for name, value in terms.items()
-        }
-        values = mean_over_processes(values)  # torchrun: every process's terms averaged, those of the global batch
+        values = mean_over_processes({k: float(torch.as_tensor(v).detach()) for k, v in terms.items()})  # torchrun: mean
         if not all(math.isfinite(v) for v in values.values()):
-            die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. "
-                f"Lower --base-lr or use --precision fp32; the last checkpoint is kept", code=1)
-        elapsed = time.perf_counter() - self.window_start
-        images_per_s = self.window_steps * self.batch_size / elapsed
-        eta = (self.total_steps - global_step) * elapsed / self.window_steps
-        self.window_start, self.window_steps = time.perf_counter(), 0
+            die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. Lower --base-lr or "
+                f"use --precision fp32; the last checkpoint is kept", code=1)
+        elapsed, now = time.perf_counter() - self.window_start, time.perf_counter()
+        images_per_s = self.window_steps * self.args.batch_size / elapsed
+        eta = int((self.total_steps - global_step) * elapsed / self.window_steps)
+        self.window_start, self.window_steps = now, 0
         self.write({"type": "train", "epoch": epoch + 1, "step": global_step, **values, "lr": lr,
                     "images_per_s": images_per_s})
-        in_epoch = global_step - epoch * self.steps_per_epoch
-        terms_text = " ".join(f"{name} {value:.4f}" for name, value in values.items())
-        print(f"epoch {epoch + 1}/{self.epochs} step {in_epoch}/{self.steps_per_epoch} | {terms_text} | "
-              f"lr {lr:.3g} | {images_per_s:.0f} img/s | eta {format_duration(eta)}", flush=True)
+        print(f"epoch {epoch + 1}/{self.args.epochs} step {global_step - epoch * self.steps_per_epoch}/"
+              f"{self.steps_per_epoch} | {' '.join(f'{k} {v:.4f}' for k, v in values.items())} | lr {lr:.3g} | "
+              f"{images_per_s:.0f} img/s | eta {f'{eta // 3600}h{eta // 60 % 60:02d}m' if eta >= 3600 else f'{eta // 60}m{eta % 60:02d}s'}",
+              flush=True)
 
     def evaluation(self, epoch, global_step, results):
         """One evaluation after `epoch` (0-based; -1 is the untrained backbone, logged as epoch 0)."""
         self.write({"type": "eval", "epoch": epoch + 1, "step": global_step, **results})
         print(f"eval epoch {epoch + 1}: " + " | ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
 
-    def summary(self, results):
-        """The run's before and after: the untrained backbone's evaluation (epoch 0) against the last."""
-        with open(self.path) as f:
-            before = next((r for r in map(json.loads, f) if r["type"] == "eval" and r["epoch"] == 0), None)
-        untrained = f"{before['knn_top1']:.1f}% untrained -> " if before else ""
-        print(f"kNN top-1 (weighted, k=200, clean test images): {untrained}{results['knn_top1']:.1f}% after "
-              f"{self.epochs} epochs; linear probe (fast, cached features) {results['linear_top1']:.1f}%")
+    def save(self, epoch, global_step):
+        """checkpoint.pt: everything the run needs to continue exactly; epoch counts the completed epochs."""
+        atomic_save({"method": self.args.method, "model": self.model.state_dict(), "args": vars(self.args),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch,
+                     "global_step": global_step, "rng": rng_states()}, os.path.join(self.run_dir, "checkpoint.pt"))
+        self.saved = (epoch, global_step)
 
-    def exclude(self, seconds):
-        """Leave time spent outside training steps (evaluation, checkpoints) out of images/s."""
-        self.window_start += seconds
+    def resume_hint(self):
+        """How to continue, from what this process knows (it runs in signal handlers: no reading of files)."""
+        if not self.is_main:
+            return "see the first process's message"
+        if self.saved is None and not self.args.resume:
+            return f"no checkpoint was written yet: start again (delete {self.run_dir} first)"
+        at = f" (epoch {self.saved[0]}, step {self.saved[1]})" if self.saved else ""
+        return (f"continue from the checkpoint{at} with `python {self.args.method}.py --resume "
+                f"{os.path.relpath(os.path.join(self.run_dir, 'checkpoint.pt'))}`")
 
+    def stop_if_signalled(self, epoch, global_step):
+        """After a step (and an epoch's evaluation): if SIGINT or SIGTERM came, a checkpoint at this step (epoch:
+        the completed epochs), the command that resumes it, and exit 128 + the signal's number."""
+        signum = signalled_anywhere(SIGNALLED[0] if SIGNALLED else 0)  # torchrun: every process stops here
+        if signum:
+            if self.is_main:
+                self.save(epoch, global_step)
+                print(f"error: stopped by {signal.Signals(signum).name}; {self.resume_hint()}", file=sys.stderr)
+            raise SystemExit(128 + signum)
 
-@dataclasses.dataclass
-class RunState:
-    """What the end-of-epoch work needs of a run."""
-    run_dir: str
-    args: object
-    model: nn.ModuleDict
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    data: Data
-    device: torch.device
-    log: "RunLogger"
-
-
-def end_of_epoch(run, epoch, global_step):
-    """Checkpoint (and after the last epoch backbone.pt), then evaluate every --eval-every epochs
-    and at the end, with the linear probe at the end. Returns the evaluation, or None."""
-    started, last, results = time.perf_counter(), epoch + 1 == run.args.epochs, None
-    if run.run_dir is not None:  # torchrun: rank 0 alone saves and evaluates; the others wait for it below
-        save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch + 1,
-                        global_step, run.args)
-        if last:
-            atomic_save(run.model["backbone"].state_dict(), os.path.join(run.run_dir, "backbone.pt"))
-        if (epoch + 1) % run.args.eval_every == 0 or last:
-            results = evaluate(run.model, run.data, run.device, linear=last)
-            run.log.evaluation(epoch, global_step, results)
-        if last:
-            run.log.summary(results)
-            print(f"done: {run.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl")
-            method, checkpoint = run.args.method, os.path.relpath(os.path.join(run.run_dir, "checkpoint.pt"))
-            print(f"next: `python eval_linear.py --checkpoint {checkpoint}` (linear probes, README: Evaluation), "
-                  f"`python spectrum.py {checkpoint}` (the spectra), `python {method}.py --dataset cifar10` (the full "
-                  f"recipe, a GPU), or `--dataset folder --data-dir DIR` for your own images")
-    if not last:
-        stop_if_signalled(run, epoch + 1, global_step)  # a signal during the evaluation
-    run.log.exclude(time.perf_counter() - started)
-    return results
-
-
-# ---- Stopping cleanly: SIGINT, SIGTERM, and errors inside training -------------------------------
-SIGNALLED = []  # the signals received since stop_safely began, at most one before it stops
-
-
-def epoch_batches(train_loader, seed, epoch, global_step):
-    """The batches of `epoch` still to train: the loader reseeded for the epoch (set_data_epoch), less the
-    global_step - epoch x len(train_loader) a run resumed mid-epoch has trained already. Those are still
-    loaded and augmented, since the random draws of the batches after them follow theirs (the global RNG,
-    which the PIL pipeline without workers draws from, is put back as the checkpoint left it): resuming
-    costs the data loading of the steps done, not their training, and continues exactly."""
-    set_data_epoch(train_loader, seed, epoch)
-    done = max(0, global_step - epoch * len(train_loader))
-    if done >= len(train_loader):  # stopped after the epoch's last step: only its evaluation is left
-        return iter(())
-    batches = iter(train_loader)
-    if done:
-        states = rng_states()
-        for _ in itertools.islice(batches, done):
-            pass
-        set_rng_states(states)
-    return batches
+    def end_of_epoch(self, epoch, global_step):
+        """checkpoint.pt (and after the last epoch backbone.pt), then the evaluation every --eval-every epochs and
+        at the end, with the fast linear probe at the end. Returns the evaluation, or None."""
+        started, last, results = time.perf_counter(), epoch + 1 == self.args.epochs, None
+        if self.is_main:
+            self.save(epoch + 1, global_step)
+            if last:
+                atomic_save(self.model["backbone"].state_dict(), os.path.join(self.run_dir, "backbone.pt"))
+            if (epoch + 1) % self.args.eval_every == 0 or last:
+                results = evaluate(self.model, self.data, self.device, linear=last)
+                self.evaluation(epoch, global_step, results)
+        if last and self.is_main:
+            with open(self.metrics) as f:
+                before = next((r for r in map(json.loads, f) if r["type"] == "eval" and r["epoch"] == 0), None)
+            untrained = f"{before['knn_top1']:.1f}% untrained -> " if before else ""
+            checkpoint = os.path.relpath(os.path.join(self.run_dir, "checkpoint.pt"))
+            print(f"kNN top-1 (weighted, k=200, clean test images): {untrained}{results['knn_top1']:.1f}% after "
+                  f"{self.args.epochs} epochs; linear probe (fast, cached features) {results['linear_top1']:.1f}%\n"
+                  f"done: {self.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl\nnext: `python eval_linear.py "
+                  f"--checkpoint {checkpoint}` (linear probes, README: Evaluation), `python spectrum.py {checkpoint}` "
+                  f"(the spectra), `python {self.args.method}.py --dataset cifar10` (the full recipe, a GPU), or "
+                  f"`--dataset folder --data-dir DIR` for your own images")
+        if not last:
+            self.stop_if_signalled(epoch + 1, global_step)  # a signal during the evaluation
+        self.window_start += time.perf_counter() - started
+        return results
 
 
-def resume_hint(run):
-    if run.run_dir is None:  # torchrun: rank 0 says it
-        return "see the first process's message"
-    path = os.path.join(run.run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        return f"no checkpoint was written yet: delete {run.run_dir} and start again"
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return (f"continue from the checkpoint (epoch {state['epoch']}, step {state['global_step']}) with "
-            f"`python {run.args.method}.py --resume {os.path.relpath(path)}`")
+SIGNALLED = []  # the signals received since stop_safely began
 
 
 @contextlib.contextmanager
 def stop_safely(run):
-    """Around the training and the evaluation before it. The first SIGINT (Ctrl-C) or SIGTERM (what a
-    scheduler sends before it preempts a job) lets the current step finish; stop_if_signalled then writes a
-    checkpoint at that step and exits 130 or 143. A second one stops at once (the last checkpoint is kept).
-    Any other error (out of memory, a data file gone) ends in one line with what to do; the full traceback
-    goes to run_dir/traceback.txt."""
+    """Around the training and the evaluation before it. The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's
+    notice before preemption) lets the current step finish, and Run.stop_if_signalled writes a checkpoint at that
+    step; a second one stops at once. Out of GPU memory, or a data file gone or unreadable, ends in one line
+    with what to do (exit 1); any other exception is a bug in the code and shows Python's traceback. Either
+    way, the last checkpoint is intact."""
     def on_signal(signum, frame):
         SIGNALLED.append(signum)
         name = signal.Signals(signum).name
         if len(SIGNALLED) > 1:
-            print(f"error: {name} again: stopped at once; {resume_hint(run)}", file=sys.stderr, flush=True)
+            print(f"error: {name} again: stopped at once; {run.resume_hint()}", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         print(f"\n{name}: finishing this step, then writing a checkpoint (send it again to stop at once)", flush=True)
 
@@ -1229,38 +1107,16 @@ def stop_safely(run):
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except Exception as exc:
-        if run.run_dir is not None:  # torchrun: rank 0 alone has a run folder
-            with contextlib.suppress(OSError), open(os.path.join(run.run_dir, "traceback.txt"), "w") as f:
-                traceback.print_exc(file=f)
-        message = (str(exc).strip().splitlines() or [""])[-1]  # a DataLoader worker's error ends with the cause
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            what = (f"out of memory on {run.args.device}; free the GPU (another process?) and resume, or start over "
-                    f"with a smaller --batch-size")
-        elif isinstance(exc, OSError):
-            what = f"could not read the data ({message}); check --data-dir, then resume"
-        else:
-            what = f"{type(exc).__name__}: {message} (traceback in {run.run_dir}/traceback.txt)"
-        die(f"{what}; {resume_hint(run)}", code=1)
+    except torch.cuda.OutOfMemoryError:
+        die(f"out of memory on {run.args.device}; free the GPU (another process?) and resume, or start over with a "
+            f"smaller --batch-size; {run.resume_hint()}", code=1)
+    except OSError as exc:  # a DataLoader worker's error ends with its cause
+        die(f"could not read the data ({(str(exc).strip().splitlines() or [''])[-1]}); check --data-dir, then "
+            f"resume; {run.resume_hint()}", code=1)
+    except Exception:
+        print(f"error: the code raised an exception (its traceback follows); once fixed, {run.resume_hint()}",
+              file=sys.stderr, flush=True)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def stop_if_signalled(run, epoch, global_step):
-    """After a step (and after an epoch's evaluation): if SIGINT or SIGTERM came, write a checkpoint at this
-    step, with `epoch` the completed epochs, print the command that resumes it and exit 128 + the signal."""
-    # Test hook: SSL_SIGNAL_AFTER_STEP="K SIGTERM" (or "K SIGINT SIGINT") sends the run those signals after
-    # optimiser step K, so that tests interrupt mid-epoch at a known step (test_methods.py).
-    hook = os.environ.get("SSL_SIGNAL_AFTER_STEP", "").split()
-    if hook and int(hook[0]) == global_step:
-        for name in hook[1:]:
-            os.kill(os.getpid(), getattr(signal, name))
-    signum = signalled_anywhere(SIGNALLED[0] if SIGNALLED else 0)  # torchrun: every process stops at this step
-    if not signum:
-        return
-    if run.run_dir is not None:
-        save_checkpoint(os.path.join(run.run_dir, "checkpoint.pt"), run.model, run.optimizer, run.scaler, epoch,
-                        global_step, run.args)
-        print(f"error: stopped by {signal.Signals(signum).name}; {resume_hint(run)}", file=sys.stderr)
-    raise SystemExit(128 + signum)

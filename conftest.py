@@ -166,6 +166,39 @@ def conv_and_linear_weights(module):
     return [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
+def signal_after(step_function, steps, *signals):
+    """A wrapper of a method's optimizer_step that sends this process `signals` (names) after its call number
+    `steps`: how the tests stop a run mid-epoch at a known step, from outside the training loop."""
+    calls = [0]
+
+    def optimizer_step(*args):
+        step_function(*args)
+        calls[0] += 1
+        if calls[0] == steps:
+            for name in signals:
+                os.kill(os.getpid(), getattr(signal, name))
+    return optimizer_step
+
+
+# METHOD.py in a subprocess with signal_after wrapped around its optimizer_step: argv[1] steps, argv[2] the
+# signals, then the script's own flags
+SIGNALLED_RUN = """
+import sys
+sys.path[:0] = [{here!r}]
+import conftest, {method} as module
+module.optimizer_step = conftest.signal_after(module.optimizer_step, int(sys.argv[1]), *sys.argv[2].split())
+module.main(module.parse_args(sys.argv[3:]))
+"""
+
+
+def run_signalled(method, steps, signals, argv, cwd):
+    """Run METHOD.py's main as a user would, sent `signals` (e.g. "SIGTERM", or "SIGINT SIGINT") after `steps`
+    optimiser steps of this process; returns the CompletedProcess."""
+    code = SIGNALLED_RUN.format(here=HERE, method=method)
+    return subprocess.run([sys.executable, "-c", code, str(steps), signals, *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
 def check_signal_resume(module, tmp_path, monkeypatch, data_dir, pipeline, workers, ortho, signame):
     """SIGINT or SIGTERM sent to a training subprocess after step 6 of 8 (epoch 2 of 2): it finishes the step,
     writes a checkpoint at step 6 and exits 130 / 143; --resume then ends with the weights, BN buffers, BYOL's
@@ -177,8 +210,7 @@ def check_signal_resume(module, tmp_path, monkeypatch, data_dir, pipeline, worke
     method = module.METHOD
     argv = folder_run(data_dir, "--num-workers", workers, "--ortho", ortho, "--ortho-heads", "--pipeline", pipeline)
     module.main(module.parse_args(argv + ["--run-name", "straight"]))
-    env = {**os.environ, "SSL_SIGNAL_AFTER_STEP": f"6 {signame}"}  # the hook in common.stop_if_signalled
-    result = run_script(f"{method}.py", *argv, "--run-name", "interrupted", cwd=tmp_path, env=env)
+    result = run_signalled(method, 6, signame, argv + ["--run-name", "interrupted"], cwd=tmp_path)
     assert result.returncode == 128 + getattr(signal, signame), result.stderr
     assert result.stderr.strip() == (f"error: stopped by {signame}; continue from the checkpoint (epoch 1, step 6) "
                                      f"with `python {method}.py --resume runs/interrupted/checkpoint.pt`")

@@ -141,7 +141,7 @@ def main(args):
     run.dataset = args.dataset or run.dataset
     run.data_dir = args.data_dir or run.data_dir
     source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size, args.skip_bad_images)
-    backbone, feature_dim = build_backbone(run.arch, source.image_size, getattr(run, "stem_padding", 1))
+    backbone, feature_dim = build_backbone(run.arch, source.image_size)
     if not args.random_init:
         try:
             backbone.load_state_dict(weights)

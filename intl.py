@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 
 from common import (
-    Bounded, OrthogonalityRegularizer, RunLogger, RunState, add_common_args, add_recipe_args, autocast,
-    build_backbone, build_data, build_optimizer, effective_rank, end_of_epoch, epoch_batches, evaluate, gather,
-    online_probe_loss, optimizer_step, parse_run_args, positive_int, prepare_model, prepare_run_dir, projection_mlp,
-    resume, seed_everything, set_lr, start_processes, stop_if_signalled, stop_safely, sync_batch_norm,
-    warmup_cosine,
+    Bounded, OrthogonalityRegularizer, Run, add_common_args, add_recipe_args, autocast, build_backbone, build_data,
+    build_optimizer, claim_run_folder, effective_rank, epoch_batches, evaluate, gather, online_probe_loss,
+    optimizer_step, parse_run_args, positive_int, prepare_model, projection_mlp, resume, seed_everything, set_lr,
+    start_processes, stop_safely, sync_batch_norm, warmup_cosine,
 )
 
 METHOD = "intl"
@@ -127,22 +126,23 @@ def spectrum_stats(z, iters=4, axis=0):
 
 
 def main(args):
-    # TRY NOT TO MODIFY: processes (torchrun starts N, python one), seeding, data, run folder
+    # TRY NOT TO MODIFY: processes (torchrun starts N, python one), run folder, seeding, data
     rank, args.world_size = start_processes(args.device, args.batch_size)  # (0, 1) without torchrun
+    is_main = rank == 0                                                  # this process saves, logs and evaluates
+    run_dir = claim_run_folder(args, is_main)                            # a new folder (never reused), or resumed
     seed_everything(args.seed)                                           # the same initial weights everywhere
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     data = build_data(args, rank, args.world_size)                       # this process's share of each batch
-    args.image_size, args.pipeline = data.image_size, data.pipeline  # what auto chose, stored with the run
-    run_dir = prepare_run_dir(args) if rank == 0 else None              # rank 0 evaluates, logs and saves
+    args.image_size, args.pipeline = data.image_size, data.pipeline      # what auto chose, stored with the run
 
     # ALGO LOGIC: model
-    backbone, feature_dim = build_backbone(args.arch, data.image_size, args.stem_padding)
+    backbone, feature_dim = build_backbone(args.arch, data.image_size)
     projector = projection_mlp([feature_dim, args.proj_hidden_dim, args.proj_hidden_dim, args.proj_dim],
                                hidden_bias=False)  # [Linear(no bias)-BN-ReLU] x 2, Linear with bias
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
 
-    # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, logging
+    # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, the run's records
     model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
     model["ortho"] = OrthogonalityRegularizer(model, args.ortho, args.ortho_heads).to(device)
     if args.world_size > 1:  # BatchNorm statistics of the global batch, as one process's (google-research/simclr#114)
@@ -154,15 +154,14 @@ def main(args):
     start_epoch, global_step = resume(args.resume, model, optimizer, scaler) if args.resume else (0, 0)
     steps_per_epoch = len(data.train_loader)
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    log = RunLogger(run_dir, args.epochs, steps_per_epoch, args.batch_size, args.log_every)
-    run = RunState(run_dir, args, model, optimizer, scaler, data, device, log)
+    run = Run(args, run_dir, is_main, model, optimizer, scaler, data, device)  # metrics.jsonl, checkpoints, stops
     print(f"{METHOD}: {args.arch} on {args.dataset} ({data.image_size} px), {args.epochs} epochs x "
           f"{steps_per_epoch} steps, peak lr {peak_lr:.3g}, run folder {run_dir}")
     print(f"--ortho {args.ortho} (weight {args.ortho_weight:g}) covers {model['ortho'].describe()}")
 
-    with stop_safely(run):                                              # SIGINT, SIGTERM, errors: see common.py
-        if global_step == 0 and rank == 0:                              # the untrained backbone, logged as epoch 0
-            log.evaluation(-1, 0, evaluate(model, data, device))
+    with stop_safely(run):                          # SIGINT, SIGTERM: a checkpoint at the step; errors: common.py
+        if global_step == 0 and is_main:                                # the untrained backbone, logged as epoch 0
+            run.evaluation(-1, 0, evaluate(model, data, device))
         for epoch in range(start_epoch, args.epochs):
             model.train()
             for (x1, x2), labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too
@@ -178,7 +177,7 @@ def main(args):
                     z1.float(), z2.float(), args.iters, args.axis, args.beta
                 )  # whitening in fp32
                 terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
-                if log.due(global_step + 1):                                     # watch the spectrum being modulated
+                if run.log_due(global_step + 1):                                     # watch the spectrum being modulated
                     terms.update(spectrum_stats(gather(z1.float()), args.iters, args.axis))  # the global batch
 
                 # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
@@ -190,10 +189,10 @@ def main(args):
                     terms["ortho"] = penalty
                 optimizer_step(loss, optimizer, scaler)
                 global_step += 1
-                log.train_step(epoch, global_step, terms, lr)
+                run.train_step(epoch, global_step, terms, lr)
                 # TRY NOT TO MODIFY: SIGINT/SIGTERM stop after a whole step; checkpoint.pt every epoch, backbone.pt last
-                stop_if_signalled(run, epoch, global_step)                   # a checkpoint at this step, exit 130/143
-            end_of_epoch(run, epoch, global_step)                            # kNN every --eval-every, linear probe last
+                run.stop_if_signalled(epoch, global_step)                    # a checkpoint at this step, exit 130/143
+            run.end_of_epoch(epoch, global_step)                             # kNN every --eval-every, linear probe last
 
 
 if __name__ == "__main__":

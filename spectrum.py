@@ -118,7 +118,7 @@ def run_spectra(path, num_images, data_dir, device):
     run.data_dir = data_dir or run.data_dir
     part = lambda prefix: {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}  # noqa: E731
     source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size)
-    backbone, _ = build_backbone(run.arch, source.image_size, getattr(run, "stem_padding", 1))
+    backbone, _ = build_backbone(run.arch, source.image_size)
     backbone.load_state_dict(part("backbone."))
     projector = mlp_from_state_dict(part("projector."))
     test_set = source.make("test", eval_transform(source.image_size, source.mean, source.std))

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from common import Data, bad_images_message, blur_kernel_size, die, first_image_size, image_folder, recipe_settings
+from common import Data, blur_kernel_size, die, first_image_size, image_folder, left_out, read_image, recipe_settings
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
 
@@ -336,13 +335,13 @@ def folder_arrays(data_dir, split, skip_bad=False):
     print(f"decoding {len(stats)} images of {dataset.root} once into memory...", flush=True)
     bad = []
     for index, (path, _) in enumerate(dataset.samples):
-        try:
-            with Image.open(path) as image:
-                if image.size != (width, height):
-                    return f"{path} is {image.size[0]}x{image.size[1]}, not {width}x{height} like the first image"
-                images[index] = np.asarray(image.convert("RGB"))
-        except OSError:  # truncated, not an image (PIL's UnidentifiedImageError), unreadable
+        pixels = read_image(path)  # None: unreadable
+        if pixels is not None and pixels.shape != (height, width, 3):
+            return f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, not {width}x{height} like the first image"
+        if pixels is None:
             bad.append(path)
+        else:
+            images[index] = pixels
     labels = np.array(dataset.targets, dtype=np.int64)
     if bad:
         good = np.isin([path for path, _ in dataset.samples], bad, invert=True)
@@ -364,10 +363,7 @@ def folder_arrays(data_dir, split, skip_bad=False):
 
 def checked(images, labels, bad, dataset, skip_bad):
     """(images, labels, classes) of the readable images; unreadable ones end the run unless skip_bad."""
-    if bad and not skip_bad:
-        die(bad_images_message(bad, dataset.root))
-    if bad:
-        print(f"skipped: {bad_images_message(bad, dataset.root).split('; ')[0]}", flush=True)
+    left_out(bad, dataset.root, skip_bad)
     return images, labels, dataset.classes
 
 

@@ -83,8 +83,7 @@ def test_the_offline_check_has_its_own_recipe_and_flags_still_win():
 # solo-learn fca55e3 (the commit that posted 92.58): bash_files/pretrain/cifar/byol.sh, solo/methods/base.py
 PINNED_RECIPE = dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=1.0, weight_decay=1e-5,  # byol.sh
                      warmup_epochs=10, final_lr_ratio=0.0, augmentations="asymmetric", probe_lr=0.1,
-                     blur_p=None, tau_base=0.99, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096,
-                     stem_padding=2)
+                     blur_p=None, tau_base=0.99, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096)
 
 
 def test_the_recipe_is_pinned_to_its_source():

@@ -1,12 +1,14 @@
 """common.py: the backbone and heads, the augmentation recipes, the orthogonality penalties, optimisation and
 evaluation against hand computations and NumPy re-derivations; then the plumbing's guarantees (README: What
 you can rely on): flags, run folders, checkpoints, failed writes, unreadable images, errors and signals."""
+import argparse
 import contextlib
 import errno
 import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -25,7 +27,7 @@ import torch.nn as nn
 from PIL import Image
 
 import common
-from conftest import HERE, TINY_RUN, method_module, run_script, separable_features, so_numpy
+from conftest import HERE, TINY_RUN, method_module, run_script, separable_features, signal_after, so_numpy
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +56,13 @@ def test_backbones_have_the_cifar_stem_below_64_px_and_report_their_width():
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
 def test_the_cifar_stem_gives_34_px_maps_like_solo_learn_and_intl(arch):
-    """solo-learn (fca55e3 solo/methods/base.py: padding 2) and INTL (0aa69af: pad 1, then padding 1)
-    run the first 3x3 conv on 34 x 34 maps for 32 px inputs; runs saved before kept 32 x 32."""
-    shapes = {}
-    for padding in (2, 1):
-        net, _ = common.build_backbone(arch, 32, padding)
-        hook = net.conv1.register_forward_hook(lambda m, i, o, p=padding: shapes.__setitem__(p, tuple(o.shape)))
-        net.eval()(torch.randn(1, 3, 32, 32))
-        hook.remove()
-    assert shapes == {2: (1, 64, 34, 34), 1: (1, 64, 32, 32)}
-    assert common.build_backbone(arch, 32)[0].conv1.padding == (2, 2)  # the default
+    """solo-learn (fca55e3 solo/methods/base.py: padding 2) and INTL (0aa69af: pad 1, then padding 1) run the
+    first 3x3 conv on 34 x 34 maps for 32 px inputs."""
+    net, _ = common.build_backbone(arch, 32)
+    shapes = []
+    net.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
+    net.eval()(torch.randn(1, 3, 32, 32))
+    assert shapes == [(1, 64, 34, 34)] and net.conv1.padding == (2, 2)
 
 
 def test_projection_mlp_layout():
@@ -477,34 +476,59 @@ def test_embedding_stats_tell_collapse_from_spread():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_offline_check_defaults_and_the_derived_warmup_and_eval_every(simclr):
-    args = simclr.parse_args(["--dataset", "synthetic", "--batch-size", "512", "--base-lr", "0.3"])
+def parse(argv, offline_check=None):
+    """common.parse_run_args on a parser of common's flags alone, a recipe like SimCLR's (no method file)."""
+    parser = argparse.ArgumentParser()
+    common.add_recipe_args(parser, epochs=100, batch_size=256, optimizer="lars", base_lr=0.4, weight_decay=1e-5,
+                           warmup_epochs=10, final_lr_ratio=0.0, augmentations="symmetric", probe_lr=0.1)
+    common.add_common_args(parser)
+    return common.parse_run_args(parser, argv + ["--device", "cpu"], "test", offline_check or dict(arch="convnet",
+                                                                                                    epochs=40))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    ([], (10, 10)),                                          # the reference warm-up; a tenth of the epochs
+    (["--epochs", "30"], (3, 3)),                            # both derived from --epochs: a tenth
+    (["--epochs", "5"], (0, 1)),
+    (["--epochs", "3", "--warmup-epochs", "2"], (2, 1)),     # given: it wins over the cap (once trained with none)
+    (["--epochs", "30", "--warmup-epochs=10", "--eval-every", "7"], (10, 7)),
+    (["--epochs", "30", "--warmup-epochs", "10"], (10, 3)),  # given equal to the default: still given
+])
+def test_a_flag_given_wins_over_its_derived_default_and_the_derived_ones_follow_the_epochs(argv, expected):
+    args = parse(argv)
+    assert (args.warmup_epochs, args.eval_every) == expected
+
+
+def test_the_offline_check_and_the_ortho_weight_are_defaults_that_a_given_flag_beats(capsys):
+    args = parse(["--dataset", "synthetic"])
     assert (args.arch, args.epochs, args.warmup_epochs, args.eval_every) == ("convnet", 40, 4, 4)
-    args = simclr.parse_args(["--dataset", "cifar10"])
-    assert (args.arch, args.epochs, args.warmup_epochs, args.base_lr, args.weight_decay) == \
-        ("resnet18", 1000, 10, 0.4, 1e-5)
-    assert (args.optimizer, args.augmentations, args.temperature, args.final_lr_ratio) == ("lars", "symmetric", 0.2,
-                                                                                           0.0)
-    # the reference warm-up is capped at a tenth of a short run; an explicit one longer than the run is an error
-    assert simclr.parse_args(["--epochs", "5"]).warmup_epochs == 0
-    with pytest.raises(SystemExit):
-        simclr.parse_args(["--epochs", "5", "--warmup-epochs", "6"])
+    args = parse(["--dataset", "synthetic", "--arch", "resnet18", "--epochs", "7"])  # the given ones win
+    assert (args.arch, args.epochs, args.warmup_epochs, args.eval_every) == ("resnet18", 7, 0, 1)
+    assert (parse([]).arch, parse([]).epochs) == ("resnet18", 100)                 # only on --dataset synthetic
+    assert [parse(["--ortho", kind]).ortho_weight for kind in ("none", "so", "srip")] == [0.0, 1e-6, 1e-3]
+    assert parse(["--ortho", "so", "--ortho-weight", "0.5"]).ortho_weight == 0.5
+    assert parse(["--ortho", "srip", "--ortho-weight", "0"]).ortho_weight == 0.0
+    for argv, message in ((["--epochs", "3", "--warmup-epochs", "4"], "--warmup-epochs 4 is longer than --epochs 3"),
+                          (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations
+                          (["--ortho-weight", "1e-3"], "has no effect without --ortho so")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_compile_takes_a_mode_and_compiles_only_the_backbones_in_it(simclr, monkeypatch, capsys):
+def test_compile_takes_a_mode_and_compiles_only_the_backbones_in_it(monkeypatch, capsys):
     """--compile alone is torch.compile's default mode; reduce-overhead (CUDA graphs) and max-autotune are passed
-    on; anything else is one line, exit 2. A run saved before the mode existed stored True."""
-    assert simclr.parse_args(["--device", "cpu"]).compile is None
-    assert simclr.parse_args(["--device", "cpu", "--compile"]).compile == "default"
-    assert simclr.parse_args(["--device", "cpu", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    on; anything else is one line, exit 2."""
+    assert parse([]).compile is None and parse(["--compile"]).compile == "default"
+    assert parse(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
     with pytest.raises(SystemExit) as exit_info:
-        simclr.parse_args(["--device", "cpu", "--compile", "fastest"])
+        parse(["--compile", "fastest"])
     assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda module, **kwargs: compiled.append((type(module), kwargs)))
     model = nn.ModuleDict({"backbone": common.small_convnet(), "projector": nn.Linear(256, 8)})
-    for mode, expected in ((None, []), ("max-autotune", [(nn.Sequential, {"mode": "max-autotune"})]),
-                           (True, [(nn.Sequential, {"mode": "default"})])):
+    for mode, expected in ((None, []), ("max-autotune", [(nn.Sequential, {"mode": "max-autotune"})])):
         compiled.clear()
         common.prepare_model(model, torch.device("cpu"), mode)
         assert compiled == expected
@@ -560,9 +584,11 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model["projector"](model["backbone"](torch.randn(8, 4))).sum().backward()
     optimizer.step()
-    args = SimpleNamespace(method="simclr", epochs=3)
+    args = SimpleNamespace(method="simclr", epochs=3, resume="elsewhere")  # resume: no args.json written
     path = str(tmp_path / "checkpoint.pt")
-    common.save_checkpoint(path, model, optimizer, scaler, epoch=2, global_step=17, args=args)
+    run = common.Run(args, str(tmp_path), True, model, optimizer, scaler, None, torch.device("cpu"))
+    run.save(epoch=2, global_step=17)
+    assert run.saved == (2, 17)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]       # the temporary file was renamed away
     expected_next_random = (torch.rand(3), np.random.rand(), random.random())
 
@@ -587,47 +613,54 @@ def test_corrupt_or_missing_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_images_per_second_is_windowed_and_leaves_out_evaluation(tmp_path, monkeypatch):
+def test_images_per_second_is_windowed_and_leaves_out_evaluation_and_checkpoints(tmp_path, monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
-    log = common.RunLogger(str(tmp_path), epochs=1, steps_per_epoch=6, batch_size=10, log_every=2)
+    args = SimpleNamespace(method="test", epochs=2, batch_size=10, log_every=2, eval_every=1, resume=None)
+    model = nn.ModuleDict({"backbone": nn.Linear(2, 2)})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = SimpleNamespace(train_loader=[None] * 3)  # 3 steps an epoch
+    run = common.Run(args, str(tmp_path), True, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), data,
+                     torch.device("cpu"))
+    assert json.load(open(tmp_path / "args.json"))["epochs"] == 2
     loss = {"loss": torch.tensor(1.0)}
-    for step, seconds in enumerate([1.0, 1.0, 0.25, 0.25], start=1):   # two windows: slow, then fast
+    for step, seconds in ((1, 1.0), (2, 1.0), (3, 0.25), (4, 0.25), (5, 0.5), (6, 0.5)):
         clock[0] += seconds
-        log.train_step(0, step, loss, lr=0.1)
-    log.exclude(100.0)                                                   # an evaluation
-    clock[0] += 100.0 + 0.5
-    log.train_step(0, 5, loss, lr=0.1)
-    clock[0] += 0.5
-    log.train_step(0, 6, loss, lr=0.1)
-    rates = [json.loads(line)["images_per_s"] for line in open(tmp_path / "metrics.jsonl")]
-    assert rates == pytest.approx([10.0, 40.0, 20.0])
+        run.train_step((step - 1) // 3, step, loss, lr=0.1)
+        if step == 3:  # the end of epoch 1: a checkpoint and an evaluation that take 100 s
+            slow = lambda *a, **k: clock.__setitem__(0, clock[0] + 100.0) or {"knn_top1": 50.0}  # noqa: E731
+            with mock.patch.object(common, "evaluate", slow):
+                run.end_of_epoch(0, 3)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rates = [r["images_per_s"] for r in records if r["type"] == "train"]
+    assert rates == pytest.approx([10.0, 40.0, 20.0])  # 2 steps in 2 s; 2 in 0.5 s, not 100.5; 2 in 1 s
+    assert [r["type"] for r in records] == ["train", "eval", "train", "train"] and records[1]["knn_top1"] == 50.0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 3
     with pytest.raises(SystemExit):                                      # a NaN loss stops the run
-        log.train_step(0, 6, {"loss": torch.tensor(float("nan"))}, lr=0.1)
+        run.train_step(1, 6, {"loss": torch.tensor(float("nan"))}, lr=0.1)
 
 
 def test_resume_keeps_stored_arguments_and_refuses_changed_ones(simclr, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     simclr.main(simclr.parse_args(TINY_RUN + ["--epochs", "1", "--warmup-epochs", "0", "--run-name", "a",
                                               "--data-dir", "somewhere", "--eval-every", "5"]))
-    args = simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--log-every", "3"])
-    assert (args.data_dir, args.log_every, args.synthetic_size, args.epochs) == ("somewhere", 3, 256, 1)
-    assert args.image_size == 32  # resolved when the run started
+    args = simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--log-every=3"])
+    assert (args.data_dir, args.log_every, args.synthetic_size, args.epochs, args.eval_every) == \
+        ("somewhere", 3, 256, 1, 5)
+    assert (args.image_size, args.pipeline, args.precision) == (32, "tensor", "fp32")  # resolved when it started
     capsys.readouterr()
+    for argv, message in ((["--epochs", "9"], "not --epochs"), (["--eval-every=2"], "not --eval-every")):
+        with pytest.raises(SystemExit):
+            simclr.parse_args(["--resume", "runs/a/checkpoint.pt", *argv])
+        assert message in capsys.readouterr().err
+    for path, message in (("runs/a/backbone.pt", "not a training checkpoint"), ("runs/a/nothing.pt", "no checkpoint")):
+        with pytest.raises(SystemExit):
+            simclr.parse_args(["--resume", path])
+        assert message in capsys.readouterr().err
+    intl = method_module("intl")
     with pytest.raises(SystemExit):
-        simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--epochs", "9"])
-    assert "not --epochs" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        simclr.parse_args(["--resume", "runs/a/backbone.pt"])        # a bare state dict is not resumable
-    state = torch.load("runs/a/checkpoint.pt", weights_only=True)   # a run saved before --ortho existed
-    assert (state["args"]["pipeline"], state["args"]["precision"], state["args"]["compile"]) == \
-        ("tensor", "fp32", None)
-    for key in ("ortho", "ortho_weight", "ortho_heads", "pipeline", "compile", "overlap", "blur_p"):
-        del state["args"][key]
-    torch.save(state, "runs/a/old.pt")
-    args = simclr.parse_args(["--resume", "runs/a/old.pt"])
-    assert (args.ortho, args.ortho_weight, args.ortho_heads) == ("none", 0.0, False)
-    assert (args.pipeline, args.compile, args.overlap, args.blur_p) == ("pil", None, False, None)  # as runs then
+        intl.parse_args(["--resume", "runs/a/checkpoint.pt"])
+    assert "is a simclr.py checkpoint; resume it with that script" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -641,7 +674,8 @@ def earlier_run(simclr, tmp_path_factory):
     """A simclr run stopped by SIGTERM after step 6 of 8, in this process: its folder, to copy."""
     out_dir = tmp_path_factory.mktemp("earlier")
     argv = TINY_RUN + ["--arch", "convnet", "--out-dir", str(out_dir), "--run-name", "earlier"]
-    with mock.patch.dict(os.environ, {"SSL_SIGNAL_AFTER_STEP": "6 SIGTERM"}), pytest.raises(SystemExit) as stop:
+    with mock.patch.object(simclr, "optimizer_step", signal_after(simclr.optimizer_step, 6, "SIGTERM")), \
+            pytest.raises(SystemExit) as stop:
         simclr.main(simclr.parse_args(argv))
     assert stop.value.code == 143
     return out_dir / "earlier"
@@ -679,15 +713,39 @@ def test_bad_flags_unknown_device_and_an_out_dir_that_is_a_file_end_in_one_line(
         assert exit_info.value.code == 2
 
 
-def test_a_run_folder_is_never_overwritten(simclr, earlier_run, tmp_path, capsys):
+def test_a_run_folder_is_never_overwritten(simclr, earlier_run, tmp_path):
     run_dir, digest = copy_of(earlier_run, tmp_path)
     result = run_script("simclr.py", *TINY_RUN, "--run-name", "earlier", cwd=tmp_path)
     err = assert_one_line_and_untouched(result, run_dir, digest, code=2)
     assert "`python simclr.py --resume runs/earlier/checkpoint.pt`" in err and "another --run-name" in err
-    (run_dir / "checkpoint.pt").unlink()  # a folder with files but no checkpoint is not reused either
-    with pytest.raises(SystemExit):
-        simclr.parse_args(TINY_RUN + ["--run-name", "earlier", "--out-dir", str(tmp_path / "runs")])
-    assert "choose another --run-name" in capsys.readouterr().err
+    os.makedirs(tmp_path / "runs" / "empty")  # a folder without a checkpoint, even an empty one, is not reused either
+    result = run_script("simclr.py", *TINY_RUN, "--run-name", "empty", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "error: runs/empty exists already; choose another --run-name (or delete runs/empty)"
+    assert os.listdir(tmp_path / "runs" / "empty") == []
+
+
+def claim_when_all_are_ready(barrier, args, codes, i):
+    barrier.wait()
+    try:
+        common.claim_run_folder(args)
+        codes[i] = 0
+    except SystemExit as exit_info:
+        codes[i] = exit_info.code
+
+
+def test_runs_started_at_the_same_moment_under_one_name_never_share_its_folder(tmp_path):
+    """8 processes claim one --run-name at once (a barrier): exactly one gets the folder, the others are refused
+    (exit 2); the check and the creation are one step (os.makedirs), not a check and then a creation."""
+    context = multiprocessing.get_context("fork")
+    barrier, codes = context.Barrier(8), context.Array("i", [-1] * 8)
+    args = SimpleNamespace(resume=None, out_dir=str(tmp_path / "runs"), run_name="same", method="simclr")
+    processes = [context.Process(target=claim_when_all_are_ready, args=(barrier, args, codes, i)) for i in range(8)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert sorted(codes) == [0] + [2] * 7 and os.path.isdir(tmp_path / "runs" / "same")
 
 
 def bad_image_folder(root):
@@ -777,23 +835,38 @@ def test_a_write_that_fails_ends_in_one_line_and_keeps_the_checkpoint(simclr, ea
     assert not json_path.exists() and not (tmp_path / "linear_eval.json.tmp").exists()
 
 
-def test_errors_inside_training_end_in_one_line_with_what_to_do(simclr, earlier_run, tmp_path, capsys):
+def test_errors_a_user_cannot_fix_in_the_code_end_in_one_line_and_a_bug_shows_its_traceback(simclr, earlier_run,
+                                                                                              tmp_path, capsys):
     run_dir, digest = copy_of(earlier_run, tmp_path)
     out_of_memory = mock.Mock(side_effect=torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     err = resume_in_process(run_dir, capsys, 1, (simclr, "optimizer_step", out_of_memory))
     assert_one_line_and_untouched(err, run_dir, digest)
     assert "out of memory" in err and f"--resume {os.path.relpath(run_dir / 'checkpoint.pt')}" in err
-    assert "OutOfMemoryError" in (run_dir / "traceback.txt").read_text()
     vanished = mock.Mock(side_effect=FileNotFoundError(errno.ENOENT, "No such file or directory", "data/x.jpg"))
     err = resume_in_process(run_dir, capsys, 1, (simclr, "online_probe_loss", vanished))
     assert "could not read the data" in assert_one_line_and_untouched(err, run_dir, digest)
+    # a bug in the code a reader changed (a shape error in the loss): Python's traceback, not one line
+    bug = mock.Mock(side_effect=RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x256 and 128x256)"))
+    capsys.readouterr()
+    with mock.patch.object(simclr, "nt_xent_loss", bug), pytest.raises(RuntimeError, match="mat1 and mat2"):
+        simclr.main(simclr.parse_args(["--resume", str(run_dir / "checkpoint.pt")]))
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: the code raised an exception (its traceback follows); once fixed, continue from "
+                           f"the checkpoint with `python simclr.py --resume {os.path.relpath(run_dir / 'checkpoint.pt')}`")
+    assert hashlib.sha1((run_dir / "checkpoint.pt").read_bytes()).hexdigest() == digest
+    result = subprocess.run([sys.executable, "-c", "import simclr, sys; from unittest import mock; "
+                             "mock.patch.object(simclr, 'nt_xent_loss', lambda *a: 1 / 0).start(); "
+                             "simclr.main(simclr.parse_args(sys.argv[1:]))", "--resume", "runs/earlier/checkpoint.pt"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE}, capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().endswith("ZeroDivisionError: division by zero")
 
 
-def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(earlier_run, tmp_path, capsys):
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(simclr, earlier_run, tmp_path, capsys):
     run_dir, digest = copy_of(earlier_run, tmp_path)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with mock.patch.dict(os.environ, {"SSL_SIGNAL_AFTER_STEP": "7 SIGINT SIGINT"}):
-        err = resume_in_process(run_dir, capsys, 130)
-    assert "SIGINT again: stopped at once" in assert_one_line_and_untouched(err, run_dir, digest)
-    assert "(epoch 1, step 6)" in err
+    twice = signal_after(simclr.optimizer_step, 1, "SIGINT", "SIGINT")  # during the resumed run's first step
+    err = resume_in_process(run_dir, capsys, 130, (simclr, "optimizer_step", twice))
+    assert "SIGINT again: stopped at once; continue from the checkpoint with `python simclr.py --resume" in \
+        assert_one_line_and_untouched(err, run_dir, digest)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back

@@ -227,7 +227,8 @@ def test_resume_under_torchrun_with_another_number_of_processes(tmp_path, monkey
     torch.set_num_threads(1)
     try:
         simclr.main(simclr.parse_args(argv + ["--run-name", "straight"]))
-        with mock.patch.object(simclr, "end_of_epoch", side_effect=lambda *a: (common.end_of_epoch(*a), 1 / 0)), \
+        end_of_epoch = common.Run.end_of_epoch  # the first epoch's end, then an error that stops the run there
+        with mock.patch.object(common.Run, "end_of_epoch", lambda run, *a: (end_of_epoch(run, *a), 1 / 0)), \
                 pytest.raises(ZeroDivisionError):
             simclr.main(simclr.parse_args(argv + ["--run-name", "resumed"]))
     finally:

@@ -141,7 +141,7 @@ def test_spectrum_stats_report_the_effective_rank_before_and_after_whitening(axi
 # winci-ai/INTL 0aa69af: scripts/cifar10.sh, cifar/main.py, cifar/cfg.py
 PINNED_RECIPE = dict(epochs=1000, batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4,  # cifar10.sh
                      warmup_epochs=2, final_lr_ratio=0.001, augmentations="asymmetric", probe_lr=0.1,  # main.py
-                     blur_p=None, iters=4, axis=0, beta=None, proj_hidden_dim=2048, proj_dim=2048, stem_padding=2)
+                     blur_p=None, iters=4, axis=0, beta=None, proj_hidden_dim=2048, proj_dim=2048)
 
 
 def test_the_recipe_is_pinned_to_its_source():

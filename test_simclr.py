@@ -62,7 +62,7 @@ def test_nt_xent_invariances_and_fp32_stability():
 # solo-learn fca55e3 (the commit that posted 90.74): bash_files/pretrain/cifar/simclr.sh, solo/methods/base.py
 PINNED_RECIPE = dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=0.4, weight_decay=1e-5,  # simclr.sh
                      warmup_epochs=10, final_lr_ratio=0.0, augmentations="symmetric", probe_lr=0.1,  # base.py
-                     blur_p=None, temperature=0.2, proj_hidden_dim=2048, proj_dim=256, stem_padding=2)
+                     blur_p=None, temperature=0.2, proj_hidden_dim=2048, proj_dim=256)
 
 
 def test_the_recipe_is_pinned_to_its_source():

@@ -334,7 +334,7 @@ def test_folder_is_decoded_once_and_cached_beside_the_data_or_in_home(tmp_path, 
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and classes == ["c0", "c1"]
     cached = list((data / ".cache").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("train-uint8-")
-    with mock.patch.object(tensor_pipeline.Image, "open", side_effect=AssertionError("decoded again")):
+    with mock.patch.object(tensor_pipeline, "read_image", side_effect=AssertionError("decoded again")):
         again = tensor_pipeline.folder_arrays(str(data), "train")
     assert np.array_equal(again[0], images)
     Image.fromarray(expected[0]).save(data / "train" / "c0" / "new.png")  # the folder changed: decoded anew

@@ -87,8 +87,7 @@ def test_off_diagonal_sum_equals_the_masked_sum():
 # solo-learn fca55e3 (the commit that posted 92.07): bash_files/pretrain/cifar/vicreg.sh, solo/methods/base.py
 PINNED_RECIPE = dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=0.3, weight_decay=1e-4,  # vicreg.sh
                      warmup_epochs=10, final_lr_ratio=0.0, augmentations="vicreg", probe_lr=0.3,  # base.py default
-                     blur_p=None, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, proj_hidden_dim=2048, proj_dim=2048,
-                     stem_padding=2)
+                     blur_p=None, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, proj_hidden_dim=2048, proj_dim=2048)
 
 
 def test_the_recipe_is_pinned_to_its_source():
