@@ -80,9 +80,8 @@ def main(args):
     rank, args.world_size = start_processes(args.device, args.batch_size)  # (0, 1) without torchrun
     is_main = rank == 0                                                  # this process saves, logs and evaluates
     run_dir = claim_run_folder(args, is_main)                            # a new folder (never reused), or resumed
-    seed_everything(args.seed)                                           # the same initial weights everywhere
+    seed_everything(args.seed, args.deterministic)   # the same initial weights everywhere; cuDNN's fastest kernels
     device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
     data = build_data(args, rank, args.world_size)                       # this process's share of each batch
     args.image_size, args.pipeline = data.image_size, data.pipeline      # what auto chose, stored with the run
 
@@ -117,12 +116,13 @@ def main(args):
             run.evaluation(-1, 0, evaluate(model, data, device))
         for epoch in range(start_epoch, args.epochs):
             model.train()
-            for (x1, x2), labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too
-                x1, x2 = x1.to(device, non_blocking=True), x2.to(device, non_blocking=True)  # (B, 3, H, W) each
+            for views, labels in epoch_batches(data.train_loader, args.seed, epoch, global_step):  # mid-epoch too
+                views = [x.to(device, non_blocking=True) for x in views]         # [(B, 3, H, W)] x 2 (multi-crop: more)
                 labels = labels.to(device, non_blocking=True)                    # (B,), -1 where unlabelled
                 lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
                                                      peak_lr * args.final_lr_ratio))
                 # ALGO LOGIC: training step
+                x1, x2 = views                                                   # (B, 3, H, W) each
                 with autocast(device, args.precision):
                     h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
                     z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections

@@ -555,6 +555,7 @@ def add_common_args(parser):
     add("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
         metavar="MODE", help="torch.compile the backbone in MODE (default: default; reduce-overhead: CUDA graphs)")
     add("--seed", type=Bounded(int, ge=0, le=2**32 - 1), default=0, help="seeds everything (default: %(default)s)")
+    add("--deterministic", action="store_true", help="deterministic GPU kernels only: bit-exact resumes, slower steps")
     add("--eval-every", type=positive_int, help="evaluate every N epochs and at the end (default: a tenth of --epochs)")
     add("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
     add("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
@@ -657,11 +658,16 @@ def start_processes(device, batch_size):
     return join_processes(device, batch_size, world_size), world_size
 
 
-def seed_everything(seed):
+def seed_everything(seed, deterministic=False):
+    """Seeds python, numpy and torch (every CUDA device too). cuDNN then picks its fastest kernels for the fixed
+    input shapes; deterministic (--deterministic) takes deterministic ones only, for bit-exact GPU resumes."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # an op without such a kernel warns
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def seed_worker(worker_id):
