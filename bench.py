@@ -183,7 +183,8 @@ def time_main(module, margs, data, warmup, steps, ready):
     timed_loader = TimedLoader(data.train_loader, warmup, steps, torch.device(margs.device), ready=ready)
     fake = data._replace(train_loader=timed_loader)
     fresh_folder = lambda args, is_main: tempfile.mkdtemp(dir=args.out_dir)  # noqa: E731  one per timed run
-    with mock.patch.object(module, "build_data", lambda *_: fake), mock.patch.object(module, "claim_run_folder", fresh_folder), \
+    with mock.patch.object(module, "build_data", lambda *_: fake), \
+            mock.patch.object(module, "claim_run_folder", fresh_folder), \
             mock.patch.object(module, "evaluate", lambda *a, **k: {}), \
             mock.patch.object(module.Run, "end_of_epoch", lambda *a, **k: None):
         module.main(margs)

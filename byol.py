@@ -5,6 +5,7 @@ Usage:
     python byol.py --dataset synthetic                   # offline check: convnet, SGD, 80 epochs, 2 CPU cores
     python byol.py --dataset cifar10                     # reference recipe: 1000 epochs, one GPU
     python byol.py --dataset folder --data-dir DIR       # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
+    python byol.py --recipe imagenet100 --data-dir IN100    # ResNet-18, 400 epochs: 79.76% online (solo-learn)
     python byol.py --resume runs/NAME/checkpoint.pt      # continue a run where it stopped
     torchrun --standalone --nproc_per_node 8 byol.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are solo-learn's CIFAR configuration behind 92.58% linear top-1 (ResNet-18, 1000 epochs).
@@ -24,14 +25,21 @@ from common import (
 )
 
 METHOD = "byol"
+# ALGO-SPECIFIC: the recipes, one per published setting (--recipe NAME; each lists what differs from the first, the
+# default), from solo-learn fca55e3, the commit that posted its tables (bash_files/pretrain/*/byol.sh, solo/args)
+RECIPES = {
+    # cifar/byol.sh: behind 92.58% (online probe), ResNet-18
+    "cifar": dict(epochs=1000, batch_size=256, optimizer="lars", base_lr=1.0, weight_decay=1e-5, warmup_epochs=10,
+                  final_lr_ratio=0.0, augmentations="asymmetric", probe_lr=0.1),
+    # imagenet-100/byol.sh: behind 79.76% online / 80.16% offline; batch 128 x 2 GPUs
+    "imagenet100": dict(dataset="folder", arch="resnet18", epochs=400, pred_hidden_dim=8192),
+}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # ALGO-SPECIFIC: the recipe, solo-learn's CIFAR-10 config behind 92.58% (bash_files/pretrain/cifar/byol.sh)
-    add_recipe_args(parser, epochs=1000, batch_size=256, optimizer="lars", base_lr=1.0, weight_decay=1e-5,
-                    warmup_epochs=10, final_lr_ratio=0.0, augmentations="asymmetric",
-                    probe_lr=0.1)
+    add_recipe_args(parser, RECIPES)  # --recipe, then --epochs ... --probe-lr: the recipe's values
+    # ALGO-SPECIFIC: the method's own flags, the first recipe's values as their defaults
     parser.add_argument("--tau-base", type=Bounded(float, ge=0, le=1), default=0.99,
                         help="EMA rate of the target at step 0; it rises to 1 on a cosine (default: %(default)s)")
     parser.add_argument("--proj-hidden-dim", type=positive_int, default=4096,
@@ -45,7 +53,7 @@ def parse_args(argv=None):
     offline_check = dict(arch="convnet", epochs=80, optimizer="sgd", base_lr=0.05, weight_decay=5e-4)
     # TRY NOT TO MODIFY: the infrastructure flags every method shares, then parsing and checks
     add_common_args(parser)
-    return parse_run_args(parser, argv, METHOD, offline_check)
+    return parse_run_args(parser, argv, METHOD, RECIPES, offline_check)
 
 
 # ALGO LOGIC: loss
@@ -86,7 +94,7 @@ def main(args):
     args.image_size, args.pipeline = data.image_size, data.pipeline      # what auto chose, stored with the run
 
     # ALGO LOGIC: model
-    backbone, feature_dim = build_backbone(args.arch, data.image_size)
+    backbone, feature_dim = build_backbone(args.arch, data.image_size, args.zero_init_residual)
     projector = projection_mlp([feature_dim, args.proj_hidden_dim, args.proj_dim])   # Linear-BN-ReLU-Linear
     predictor = projection_mlp([args.proj_dim, args.pred_hidden_dim, args.proj_dim])  # same shape
     online = nn.ModuleDict({"backbone": backbone, "projector": projector})

@@ -40,14 +40,15 @@ def small_convnet():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def build_backbone(arch, image_size):
-    """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim).
+def build_backbone(arch, image_size, zero_init_residual=False):
+    """Returns (backbone, feature_dim). Backbone maps (B, 3, H, W) images to (B, feature_dim). zero_init_residual:
+    the last BatchNorm of every residual block starts at 0 (Goyal et al., 2017), as INTL's ResNet-50.
     At 64 px or less the CIFAR stem replaces the 7x7/2 conv and max-pool, which lose most of 32 px:
     a 3x3/1 conv with padding 2, so 32 px inputs give 34x34 maps (solo-learn fca55e3
     solo/methods/base.py; INTL 0aa69af src/resnet.py pads 1 before a padding-1 conv, the same)."""
     if arch == "convnet":
         return small_convnet(), 256
-    net = getattr(torchvision.models, arch)(weights=None)
+    net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
     if image_size <= 64:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
         net.maxpool = nn.Identity()
@@ -68,7 +69,7 @@ def projection_mlp(dims, batch_norm=True, hidden_bias=True):
     return nn.Sequential(*layers)
 
 
-# ---- Augmentation recipes: two views of every image, each with its own random draws --------------
+# ---- Augmentation recipes: two views of every image (or more), each with its own random draws ---------
 def view_transform(crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
                    saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,
                    flip_p=0.5):
@@ -93,18 +94,18 @@ def blur_kernel_size(crop_size):
     return max(2 * int(0.05 * crop_size) + 1, 13)
 
 
-class TwoViews:
-    """Turns one image into the pair (view1(image), view2(image)), each with its own randomness."""
+class Views:
+    """Turns one image into its views [view(image) for each view transform], each with its own randomness."""
 
-    def __init__(self, view1, view2):
-        self.view1, self.view2 = view1, view2
+    def __init__(self, *transforms):
+        self.transforms = transforms
 
     def __call__(self, image):
-        return self.view1(image), self.view2(image)
+        return [view(image) for view in self.transforms]
 
 
-# Per-view settings of the CIFAR configs behind the published numbers (solo-learn fca55e3: bash_files/
-# pretrain/cifar/*.sh, solo/args/{dataset,utils}.py; INTL 0aa69af cifar/transform.py).
+# Per-view settings of the configs behind the published numbers (solo-learn fca55e3: bash_files/pretrain/
+# {cifar,imagenet-100}/*.sh, solo/args/{dataset,utils}.py; INTL 0aa69af cifar/transform.py, src/transform.py).
 AUGMENTATION_RECIPES = {
     # SimCLR: strong jitter; blur 0.5 (solo-learn's default, not switched off by its CIFAR script until e90d420)
     "symmetric": [dict(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5)] * 2,
@@ -112,29 +113,41 @@ AUGMENTATION_RECIPES = {
     "asymmetric": [dict(solarize_p=0.0), dict(solarize_p=0.2)],
     # VICReg: milder crops, solarisation 0.1 and blur 0.5 on both views
     "vicreg": [dict(crop_scale=(0.2, 1.0), solarize_p=0.1, blur_p=0.5)] * 2,
+    # INTL's ImageNet multi-crop (Multi_Crop): 2 x 224, 192, 160, 128, 96 px, each crop at 224-px images (scaled
+    # with the image size here), the scale range shrinking with it; blur 0.5 and solarisation 0.1 on every crop
+    "multicrop": [dict(crop_size=size, crop_scale=scale, blur_p=0.5, solarize_p=0.1) for size, scale in (
+        (224, (0.2, 1.0)), (224, (0.2, 1.0)), (192, (0.171, 0.857)), (160, (0.143, 0.714)), (128, (0.114, 0.571)),
+        (96, (0.086, 0.429)))],
 }
 AUGMENTATIONS = tuple(AUGMENTATION_RECIPES)
 
 
 def recipe_settings(name, crop_size, blur_p=None):
-    """The keyword settings of each view of a named recipe, for images of crop_size pixels; blur_p, when
-    given (--blur-p), replaces the blur probability of both views."""
-    view1, view2 = (dict(settings) for settings in AUGMENTATION_RECIPES[name])
-    if crop_size > 64 and view1 != view2:  # the asymmetric pair blurs only above 64 px (solo-learn)
-        view1["blur_p"], view2["blur_p"] = 1.0, 0.1
-    if blur_p is not None:
-        view1["blur_p"] = view2["blur_p"] = blur_p
-    return view1, view2
+    """The keyword settings of every view of a named recipe (a list), for images of crop_size pixels: a view's
+    own crop_size, given at 224 px, scaled to them; blur_p (--blur-p), when given, replaces every view's blur."""
+    views = [dict(settings) for settings in AUGMENTATION_RECIPES[name]]
+    if name == "asymmetric" and crop_size > 64:  # the asymmetric pair blurs only above 64 px (solo-learn)
+        views[0]["blur_p"], views[1]["blur_p"] = 1.0, 0.1
+    for view in views:
+        view["crop_size"] = round(view["crop_size"] * crop_size / 224) if "crop_size" in view else crop_size
+        view["blur_p"] = view.get("blur_p", 0.0) if blur_p is None else blur_p
+    return views
 
 
 def augmentation_recipe(name, crop_size, mean, std, blur_p=None):
-    """The two PIL view transforms of a named recipe, for images of crop_size pixels."""
-    return tuple(view_transform(crop_size, mean, std, **view) for view in recipe_settings(name, crop_size, blur_p))
+    """The PIL view transforms of a named recipe, for images of crop_size pixels."""
+    return [view_transform(mean=mean, std=std, **view) for view in recipe_settings(name, crop_size, blur_p)]
+
+
+def eval_size(image_size):
+    """The shorter side clean images are resized to before their centre crop: 256 for 224 px crops (ImageNet's
+    protocol, INTL 0aa69af evaluate.py, solo-learn), the crop size itself at 96 px and below."""
+    return round(image_size * 256 / 224) if image_size > 96 else image_size
 
 
 def eval_transform(image_size, mean, std):
-    """Clean images for evaluation: resize the shorter side, centre crop, normalise."""
-    return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
+    """Clean images for evaluation: resize the shorter side (eval_size), centre crop, normalise."""
+    return T.Compose([T.Resize(eval_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std)])
 
 
@@ -284,8 +297,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(name, model, lr, weight_decay, probe_lr=None):
-    """lars: biases and norm parameters (ndim <= 1) get neither weight decay nor trust scaling, as
-    in solo-learn's CIFAR configs. sgd: momentum 0.9, weight decay on every parameter. The online
+    """lars: biases and norm parameters (ndim <= 1) get neither weight decay nor trust scaling, as in solo-learn's
+    configs. sgd: momentum 0.9, weight decay on every parameter (INTL's CIFAR code); sgd-norms-excluded: biases
+    and norms without weight decay (INTL's ImageNet main.py: param.ndim == 1). The online
     probe (model["online_probe"], if any) trains in the same optimiser and schedule, at probe_lr at
     the schedule's peak and without weight decay (solo-learn fca55e3 solo/methods/base.py)."""
     probe = set(model["online_probe"].parameters()) if "online_probe" in model else set()
@@ -294,8 +308,11 @@ def build_optimizer(name, model, lr, weight_decay, probe_lr=None):
     probe_groups = [{"params": [p for p in probe if p.ndim > 1], "weight_decay": 0.0, "lr_ratio": ratio},
                     {"params": [p for p in probe if p.ndim <= 1], "weight_decay": 0.0, "lr_ratio": ratio,
                      "lars": False}]
-    if name == "sgd":
-        groups = [{"params": params}] + [{k: v for k, v in g.items() if k != "lars"} for g in probe_groups]
+    if name.startswith("sgd"):
+        excluded = [p for p in params if p.ndim <= 1 and name == "sgd-norms-excluded"]
+        groups = [{"params": [p for p in params if not any(p is q for q in excluded)]},
+                  {"params": excluded, "weight_decay": 0.0}] + [{k: v for k, v in g.items() if k != "lars"}
+                                                              for g in probe_groups]
         return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay)
     groups = [{"params": [p for p in params if p.ndim > 1]},
               {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}] + probe_groups
@@ -334,15 +351,21 @@ def optimizer_step(loss, optimizer, scaler):
 
 
 # ---- Evaluation: kNN and a linear probe on frozen clean features, and collapse diagnostics -------
+# At ImageNet scale the features stay on the training device, and two subsets keep an evaluation in minutes: kNN
+# and the probes take at most EVAL_TRAIN_IMAGES training images (evenly spaced, build_data), the collapse
+# diagnostics at most RANKME_IMAGES of them (the sample size of RankMe, Garrido et al., 2023).
+EVAL_TRAIN_IMAGES, RANKME_IMAGES = 100_000, 25_600
+
+
 @torch.no_grad()
 def extract_features(backbone, loader, device):
-    """Backbone features of every image in loader, in eval mode: (N, F) float32 and (N,) labels."""
+    """Backbone features of every image in loader, in eval mode, on `device`: (N, F) float32 and (N,) labels."""
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
     for images, targets in loader:
-        features.append(backbone(images.to(device, non_blocking=True)).float().cpu())
-        labels.append(targets)
+        features.append(backbone(images.to(device, non_blocking=True)).float())
+        labels.append(targets.to(device))
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
@@ -361,7 +384,7 @@ def knn_predict(train_features, train_labels, test_features, num_classes, k=200,
     for chunk in test_features.split(chunk_size):
         similarity = chunk @ train_features.T if metric == "cosine" else -torch.cdist(chunk, train_features)  # (C, N)
         top_similarity, top_index = similarity.topk(k, dim=1)          # (C, k)
-        votes = (top_similarity / temperature).exp() if weighted else torch.ones_like(top_similarity)
+        votes = (top_similarity / temperature).exp() if weighted else torch.ones_like(top_similarity)  # (C, k)
         scores = torch.zeros(len(chunk), num_classes, dtype=votes.dtype, device=votes.device)
         scores.scatter_add_(1, train_labels[top_index], votes)                # (C, classes)
         predictions.append(scores.argmax(dim=1))
@@ -379,14 +402,14 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
     generator = torch.Generator().manual_seed(seed)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     train_x, test_x = (train_features - mean) / std, (test_features - mean) / std
-    classifier = nn.Linear(train_x.shape[1], num_classes)
+    classifier = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
     nn.init.zeros_(classifier.weight)  # a convex problem: zero init makes the probe deterministic
     nn.init.zeros_(classifier.bias)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     step = 0
     for _ in range(epochs):
-        for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
+        for index in torch.randperm(len(train_x), generator=generator).to(train_x.device).split(batch_size):
             set_lr(optimizer, warmup_cosine(step, epochs * steps_per_epoch, 0, lr))
             loss = F.cross_entropy(classifier(train_x[index]), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
@@ -440,14 +463,17 @@ def evaluate(model, data, device, linear=False):
                "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean")}
     if "online_probe" in model:
         with torch.no_grad():
-            top5 = model["online_probe"](test_features.to(device)).topk(min(5, data.num_classes), dim=1).indices.cpu()
+            top5 = model["online_probe"](test_features).topk(min(5, data.num_classes), dim=1).indices
         results["online_top1"] = accuracy(top5[:, 0], test_labels)
         results["online_top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
     projector, was_training = model["projector"], model["projector"].training
-    with torch.no_grad():  # projector output of the cached clean features, (N, D)
-        z = torch.cat([projector.eval()(h.to(device)).float().cpu() for h in train_features.split(4096)])
+    features = train_features[torch.linspace(0, len(train_features) - 1, min(len(train_features), RANKME_IMAGES),
+                                             device=device).long()]  # (n, F), n <= RANKME_IMAGES
+    with torch.no_grad():  # projector output of the cached clean features, (n, D)
+        z = torch.cat([projector.eval()(h).float() for h in features.split(4096)])
     projector.train(was_training)
-    for name, values in (("rep", train_features), ("proj", z)):
+    results["eval_train_images"] = len(train_features)
+    for name, values in (("rep", features), ("proj", z)):
         stats = embedding_stats(values)
         results[f"{name}_erank"], results[f"{name}_std"] = stats["erank"], stats["std"]
     layers = model["ortho"].layers if "ortho" in model else model["backbone"]
@@ -508,25 +534,33 @@ def parse_or_die(parser, argv):
     return parser.parse_args(argv)
 
 
-def add_recipe_args(parser, *, epochs, batch_size, optimizer, base_lr, weight_decay, warmup_epochs,
-                    final_lr_ratio, augmentations, probe_lr):
-    """The optimisation and augmentation flags, with the method's recipe as their defaults (its file gives them)."""
+def add_recipe_args(parser, recipes):
+    """--recipe, and the optimisation and augmentation flags with the first recipe's values as their defaults. A
+    method file declares its recipes (one per published setting, each value beside its source): parse_run_args
+    gives the chosen one's values to the flags not given."""
+    names, first = list(recipes), next(iter(recipes.values()))
     add = parser.add_argument_group("recipe (defaults: this method's reference configuration)").add_argument
-    add("--epochs", type=positive_int, default=epochs, help="pretraining epochs (default: %(default)s)")
-    add("--batch-size", type=Bounded(int, ge=2), default=batch_size, help="images per step (default: %(default)s)")
-    add("--optimizer", choices=("lars", "sgd"), default=optimizer, help="lars: biases and norms without weight decay "
-        "or trust scaling; sgd: momentum 0.9, decay on every parameter (default: %(default)s)")
-    add("--base-lr", type=Bounded(float, gt=0), default=base_lr,
+    add("--recipe", choices=names, default=names[0], help="the published setting whose values the flags below take "
+        "unless given: " + "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in recipe.items())}" for name, recipe in
+                                     list(recipes.items())[1:]) + " (default: %(default)s, the values shown)")
+    add("--epochs", type=positive_int, default=first["epochs"], help="pretraining epochs (default: %(default)s)")
+    add("--batch-size", type=Bounded(int, ge=2), default=first["batch_size"], help="images per step (default: "
+        "%(default)s)")
+    add("--optimizer", choices=("lars", "sgd", "sgd-norms-excluded"), default=first["optimizer"], help="lars: biases "
+        "and norms without weight decay or trust scaling; sgd: momentum 0.9, decay on every parameter (or not on "
+        "biases and norms) (default: %(default)s)")
+    add("--base-lr", type=Bounded(float, gt=0), default=first["base_lr"],
         help="lr at batch 256: peak lr = base-lr x batch / 256 (default: %(default)s)")
-    add("--weight-decay", type=Bounded(float, ge=0), default=weight_decay, help="weight decay (default: %(default)s)")
-    add("--warmup-epochs", type=Bounded(int, ge=0), default=warmup_epochs,
+    add("--weight-decay", type=Bounded(float, ge=0), default=first["weight_decay"], help="weight decay (default: "
+        "%(default)s)")
+    add("--warmup-epochs", type=Bounded(int, ge=0), default=first["warmup_epochs"],
         help="linear warm-up, then a cosine, per step (default: %(default)s, at most a tenth of --epochs)")
-    add("--final-lr-ratio", type=Bounded(float, ge=0, le=1), default=final_lr_ratio,
+    add("--final-lr-ratio", type=Bounded(float, ge=0, le=1), default=first["final_lr_ratio"],
         help="the cosine ends at this fraction of the peak lr (default: %(default)s)")
-    add("--augmentations", choices=AUGMENTATIONS, default=augmentations,
+    add("--augmentations", choices=AUGMENTATIONS, default=first["augmentations"],
         help="the views of a published config, see README (default: %(default)s)")
     add("--blur-p", type=Bounded(float, ge=0, le=1), help="blur probability of every view (default: the recipe's)")
-    add("--probe-lr", type=Bounded(float, gt=0), default=probe_lr,
+    add("--probe-lr", type=Bounded(float, gt=0), default=first["probe_lr"],
         help="peak lr of the online linear probe, not scaled by the batch, no weight decay (default: %(default)s)")
 
 
@@ -549,6 +583,7 @@ def add_common_args(parser):
     add = parser.add_argument_group("run").add_argument
     add("--arch", choices=ARCHS, default="resnet18", help="backbone; convnet: 4 layers, for CPU checks (default: "
         "%(default)s)")
+    add("--zero-init-residual", action="store_true", help="the last BatchNorm of every residual block starts at 0")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="autocast dtype of the forward pass; losses stay fp32 (default: auto: bf16 on a GPU, else fp32)")
@@ -570,11 +605,11 @@ def add_common_args(parser):
     add("--ortho-heads", action="store_true", help="regularise the projector and predictor too, not only the backbone")
 
 
-def parse_run_args(parser, argv, method, offline_check):
+def parse_run_args(parser, argv, method, recipes, offline_check):
     """Parse argv (None: the command line) once. A flag given on the command line always wins; the defaults
-    that depend on other flags fill in the rest: --dataset synthetic (the offline check) takes the method's
-    offline_check settings, --warmup-epochs is capped at a tenth of --epochs, --eval-every is a tenth of
-    --epochs, --ortho-weight the paper's value for --ortho. --resume takes the checkpoint's arguments; only
+    that depend on other flags fill in the rest: --recipe's values, then on --dataset synthetic (the offline
+    check) the method's offline_check settings, --warmup-epochs is capped at a tenth of --epochs, --eval-every is
+    a tenth of --epochs, --ortho-weight the paper's value for --ortho. --resume takes the checkpoint's arguments; only
     RESUME_OVERRIDABLE may be given again."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser.allow_abbrev = False  # every flag spelled out in full, as `given` reads them
@@ -594,7 +629,9 @@ def parse_run_args(parser, argv, method, offline_check):
                 in stored else "not a training checkpoint (a backbone.pt holds weights only)"))
         args = argparse.Namespace(**{**stored["args"], **{name: getattr(args, name) for name in given}})
     else:
-        for name, value in (offline_check if args.dataset == "synthetic" else {}).items():
+        recipe = recipes[args.recipe]
+        dataset = args.dataset if "dataset" in given else recipe.get("dataset", args.dataset)
+        for name, value in {**recipe, **(offline_check if dataset == "synthetic" else {})}.items():
             setattr(args, name, getattr(args, name) if name in given else value)
         if "warmup_epochs" not in given:
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
@@ -637,10 +674,10 @@ def resolve_precision(precision, device):
 # distributed.py (optional, beside this file) holds the torchrun plumbing; without it, or in one process,
 # gather, average_gradients, sync_batch_norm, mean_over_processes and signalled_anywhere change nothing.
 try:
-    from distributed import (average_gradients, gather, join_processes, mean_over_processes, signalled_anywhere,
-                             sync_batch_norm)
+    from distributed import (average_gradients, gather, join_processes, mean_over_processes, peer_lost,
+                             signalled_anywhere, sync_batch_norm)
 except ImportError:
-    join_processes = None
+    join_processes, peer_lost = None, lambda error: False
     gather = sync_batch_norm = mean_over_processes = signalled_anywhere = lambda x: x  # noqa: E731
     average_gradients = lambda optimizer: None  # noqa: E731
 
@@ -729,7 +766,8 @@ def left_out(bad, root, skip_bad):
         what = f"{len(bad)} unreadable image{'s' * (len(bad) > 1)} in {root}: " + ", ".join(bad[:3]) + ", ..." * (
             len(bad) > 3)
         if not skip_bad:
-            die(f"{what}; fix or delete {'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to leave them out")
+            die(f"{what}; fix or delete {'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to leave them "
+                f"out")
         print(f"skipped: {what}", flush=True)
     return set(bad)
 
@@ -824,12 +862,14 @@ def build_data(args, rank=0, world_size=1):
             if data is not None:
                 return data
     print(f"data: PIL pipeline, torchvision transforms in {args.num_workers} DataLoader workers")
-    views = TwoViews(*augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std, args.blur_p))
+    views = Views(*augmentation_recipe(args.augmentations, source.image_size, source.mean, source.std, args.blur_p))
     clean = eval_transform(source.image_size, source.mean, source.std)
     pretrain_set, train_set, test_set = source.make("pretrain", views), source.make("train", clean), source.make(
         "test", clean)
     if len(pretrain_set) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
+    num_classes, spaced = len(train_set.classes), np.linspace(0, len(train_set) - 1, EVAL_TRAIN_IMAGES).astype(int)
+    train_set = torch.utils.data.Subset(train_set, spaced.tolist()) if len(train_set) > EVAL_TRAIN_IMAGES else train_set
     generator = torch.Generator().manual_seed(args.seed)  # the order and every image's seed; set_data_epoch reseeds
     train_loader = torch.utils.data.DataLoader(
         SeededImages(pretrain_set), batch_sampler=GlobalBatches(len(pretrain_set), args.batch_size, rank, world_size,
@@ -837,7 +877,7 @@ def build_data(args, rank=0, world_size=1):
         generator=generator, **loader_kwargs(args.num_workers, args.device))
     eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
         dataset, batch_size=512, generator=torch.Generator(), **loader_kwargs(args.num_workers, args.device))
-    return Data(train_loader, eval_loader(train_set), eval_loader(test_set), len(train_set.classes), source.image_size,
+    return Data(train_loader, eval_loader(train_set), eval_loader(test_set), num_classes, source.image_size,
                 source.mean, source.std, "pil")
 
 
@@ -1016,20 +1056,20 @@ class Run:
         self.window_steps += 1
         if not self.log_due(global_step):
             return
-        values = mean_over_processes({k: float(torch.as_tensor(v).detach()) for k, v in terms.items()})  # torchrun: mean
+        values = mean_over_processes({k: float(torch.as_tensor(v).detach()) for k, v in terms.items()})  # torchrun
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. Lower --base-lr or "
                 f"use --precision fp32; the last checkpoint is kept", code=1)
         elapsed, now = time.perf_counter() - self.window_start, time.perf_counter()
         images_per_s = self.window_steps * self.args.batch_size / elapsed
         eta = int((self.total_steps - global_step) * elapsed / self.window_steps)
+        eta = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
         self.window_start, self.window_steps = now, 0
         self.write({"type": "train", "epoch": epoch + 1, "step": global_step, **values, "lr": lr,
                     "images_per_s": images_per_s})
         print(f"epoch {epoch + 1}/{self.args.epochs} step {global_step - epoch * self.steps_per_epoch}/"
               f"{self.steps_per_epoch} | {' '.join(f'{k} {v:.4f}' for k, v in values.items())} | lr {lr:.3g} | "
-              f"{images_per_s:.0f} img/s | eta {f'{eta // 3600}h{eta // 60 % 60:02d}m' if eta >= 3600 else f'{eta // 60}m{eta % 60:02d}s'}",
-              flush=True)
+              f"{images_per_s:.0f} img/s | eta {eta}", flush=True)
 
     def evaluation(self, epoch, global_step, results):
         """One evaluation after `epoch` (0-based; -1 is the untrained backbone, logged as epoch 0)."""
@@ -1119,9 +1159,10 @@ def stop_safely(run):
     except OSError as exc:  # a DataLoader worker's error ends with its cause
         die(f"could not read the data ({(str(exc).strip().splitlines() or [''])[-1]}); check --data-dir, then "
             f"resume; {run.resume_hint()}", code=1)
-    except Exception:
-        print(f"error: the code raised an exception (its traceback follows); once fixed, {run.resume_hint()}",
-              file=sys.stderr, flush=True)
+    except Exception as exc:
+        if not peer_lost(exc):  # torchrun: distributed.py says that one in one line
+            print(f"error: the code raised an exception (its traceback follows); once fixed, {run.resume_hint()}",
+                  file=sys.stderr, flush=True)
         raise
     finally:
         for signum, handler in previous.items():

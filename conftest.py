@@ -199,7 +199,7 @@ def run_signalled(method, steps, signals, argv, cwd):
                           text=True, timeout=300)
 
 
-def check_signal_resume(module, tmp_path, monkeypatch, data_dir, pipeline, workers, ortho, signame):
+def check_signal_resume(module, tmp_path, monkeypatch, data_dir, pipeline, workers, ortho, signame, *extra):
     """SIGINT or SIGTERM sent to a training subprocess after step 6 of 8 (epoch 2 of 2): it finishes the step,
     writes a checkpoint at step 6 and exits 130 / 143; --resume then ends with the weights, BN buffers, BYOL's
     target, SRIP's power-iteration vectors and optimiser state of an uninterrupted run. Returns the
@@ -208,7 +208,8 @@ def check_signal_resume(module, tmp_path, monkeypatch, data_dir, pipeline, worke
         pytest.skip("tensor_pipeline.py is not beside common.py")
     monkeypatch.chdir(tmp_path)
     method = module.METHOD
-    argv = folder_run(data_dir, "--num-workers", workers, "--ortho", ortho, "--ortho-heads", "--pipeline", pipeline)
+    argv = folder_run(data_dir, "--num-workers", workers, "--ortho", ortho, "--ortho-heads", "--pipeline", pipeline,
+                      *extra)
     module.main(module.parse_args(argv + ["--run-name", "straight"]))
     result = run_signalled(method, 6, signame, argv + ["--run-name", "interrupted"], cwd=tmp_path)
     assert result.returncode == 128 + getattr(signal, signame), result.stderr

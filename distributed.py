@@ -32,9 +32,7 @@ def join_processes(device, batch_size, world_size):
         sys.stdout = open(os.devnull, "w")  # one process speaks; errors still reach stderr
 
     def stopped(kind=None, error=None, trace=None):  # a collective failed, or torchrun stops us (SIGTERM)
-        lost = kind is None or issubclass(kind, dist.DistError) or any(  # gloo's lost peer is a RuntimeError
-            word in str(error) for word in ("gloo", "NCCL", "Connection closed by peer"))
-        if not lost:
+        if not (kind is None or peer_lost(error)):
             return sys.__excepthook__(kind, error, trace)
         if rank == 0 and not stopped.said:
             print("error: the run stops here: another process died or stopped answering, or torchrun was stopped "
@@ -49,6 +47,12 @@ def join_processes(device, batch_size, world_size):
     print(f"{world_size} processes train ({dist.get_backend()}, {os.environ.get('LOCAL_WORLD_SIZE', '?')} per "
           f"machine), each on {batch_size // world_size} images of every global batch of {batch_size}")
     return rank
+
+
+def peer_lost(error):
+    """Whether an exception is a collective's that failed because another process died or stopped answering."""
+    return isinstance(error, dist.DistError) or any(  # gloo's lost peer is a RuntimeError
+        word in str(error) for word in ("gloo", "NCCL", "Connection closed by peer"))
 
 
 def gather(x):

@@ -13,6 +13,9 @@ Linear protocols (--protocol), each named for its source:
     intl       INTL's (winci-ai/INTL 0aa69af cifar/eval/evaluate.py): cached clean features, not standardised;
                Adam lr 1e-2 decayed exponentially to 1e-6 over 500 epochs, weight decay 5e-6, batch 1000
     augmented  random crops (0.08-1) + flips through the frozen backbone every epoch; SGD lr 0.1, cosine, 100 epochs
+    intl-imagenet  INTL's ImageNet protocol (0aa69af evaluate.py): frozen backbone in eval mode, fc N(0, 0.01), random
+               crops 224 (bilinear, 0.08-1) + flips; SGD momentum 0.9, lr 0.4 x batch / 256, x0.1 at epochs 60 and 80 of
+               100, weight decay 0 (since e1d75d7; 1e-5 when its 76.6% was posted at d2bfe9a: which made it, unknown)
 Also reported: weighted kNN (k=200, T=0.1, cosine; lightly's benchmark), 5-NN (cosine, majority) and INTL's
 5-NN (Euclidean on raw features, majority). Saved as linear_eval[_random_init][_PROTOCOL].json beside the
 checkpoint (no suffix for fast).
@@ -33,7 +36,8 @@ from common import (DATASETS, Bounded, accuracy, atomic_write, build_backbone, d
 
 
 PROTOCOLS = {"fast": dict(epochs=100, batch_size=256, lr=1e-3), "intl": dict(epochs=500, batch_size=1000, lr=1e-2),
-             "augmented": dict(epochs=100, batch_size=256, lr=0.1)}
+             "augmented": dict(epochs=100, batch_size=256, lr=0.1),
+             "intl-imagenet": dict(epochs=100, batch_size=256, lr=0.4, weight_decay=0.0)}
 
 
 def parse_args(argv=None):
@@ -47,11 +51,13 @@ def parse_args(argv=None):
     parser.add_argument("--random-init", action="store_true",
                         help="evaluate a randomly initialised backbone of the run's arch: the baseline a run must beat")
     parser.add_argument("--epochs", type=positive_int, default=None,
-                        help="linear classifier epochs (default: the protocol's: 100 fast, 500 intl, 100 augmented)")
+                        help="linear classifier epochs (default: the protocol's: 100, 500 intl)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="linear classifier batch size (default: the protocol's: 256, 1000, 256)")
+                        help="linear classifier batch size (default: the protocol's: 256, 1000, 256, 256)")
     parser.add_argument("--lr", type=Bounded(float, gt=0), default=None,
-                        help="peak learning rate (default: the protocol's: 1e-3 Adam, 1e-2 Adam, 0.1 SGD)")
+                        help="peak learning rate (default: the protocol's: 1e-3 Adam, 1e-2 Adam, 0.1 SGD, 0.4 SGD)")
+    parser.add_argument("--weight-decay", type=Bounded(float, ge=0), default=None,
+                        help="weight decay of the intl-imagenet protocol (default: 0; 1e-5 as INTL before e1d75d7)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default: %(default)s)")
     parser.add_argument("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
                         help="data loading processes, 0 loads in the main process (default: %(default)s)")
@@ -61,7 +67,7 @@ def parse_args(argv=None):
                         help="seeds the classifier's data order (default: %(default)s)")
     args = parse_or_die(parser, argv)
     args.device = resolve_device(args.device)
-    for name, value in PROTOCOLS[args.protocol].items():
+    for name, value in {"weight_decay": 0.0, **PROTOCOLS[args.protocol]}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -81,12 +87,12 @@ def intl_linear_probe(train_features, train_labels, test_features, test_labels, 
     Returns (top1, top5) test accuracy in %."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    classifier = nn.Linear(train_features.shape[1], num_classes)
+    classifier = nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     batches = max(1, len(train_features) // batch_size)
     for epoch in range(epochs):
         set_lr(optimizer, intl_probe_lr(epoch, epochs, lr))
-        order = torch.randperm(len(train_features), generator=generator)
+        order = torch.randperm(len(train_features), generator=generator).to(train_features.device)
         for index in order[:batches * min(batch_size, len(order))].view(batches, -1):
             loss = F.cross_entropy(classifier(train_features[index]), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
@@ -110,18 +116,27 @@ def load_backbone(path):
         return state, json.load(f)
 
 
+def step_lr(epoch, epochs, lr):
+    """INTL's ImageNet schedule (MultiStepLR at 60 and 80 of 100 epochs, gamma 0.1), for any number of epochs."""
+    return lr * 0.1 ** ((epoch >= 0.6 * epochs) + (epoch >= 0.8 * epochs))
+
+
 def train_linear_augmented(backbone, feature_dim, train_loader, test_features, test_labels, num_classes,
-                           epochs, lr, device):
-    """Linear classifier on features of randomly cropped and flipped images through the frozen
-    backbone (BN in eval mode), SGD momentum 0.9 with a cosine schedule. Returns (top1, top5) in %."""
+                           epochs, lr, device, imagenet=False, weight_decay=0.0):
+    """Linear classifier on features of randomly cropped and flipped images through the frozen backbone (BN in
+    eval mode), SGD momentum 0.9 with a cosine schedule; imagenet: INTL's, fc N(0, 0.01) and step_lr. Returns
+    (top1, top5) in %."""
     classifier = nn.Linear(feature_dim, num_classes).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9)
+    if imagenet:
+        nn.init.normal_(classifier.weight, std=0.01)
+        nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     total_steps, step = epochs * len(train_loader), 0
     for epoch in range(epochs):
         for images, labels in train_loader:
             with torch.no_grad():
                 features = backbone(images.to(device, non_blocking=True)).float()   # (B, F)
-            set_lr(optimizer, warmup_cosine(step, total_steps, 0, lr))
+            set_lr(optimizer, step_lr(epoch, epochs, lr) if imagenet else warmup_cosine(step, total_steps, 0, lr))
             loss = F.cross_entropy(classifier(features), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,7 +144,7 @@ def train_linear_augmented(backbone, feature_dim, train_loader, test_features, t
             step += 1
         print(f"linear epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
     with torch.no_grad():
-        top5 = classifier(test_features.to(device)).topk(min(5, num_classes), dim=1).indices.cpu()
+        top5 = classifier(test_features.to(device)).topk(min(5, num_classes), dim=1).indices
     return accuracy(top5[:, 0], test_labels), (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
 
 
@@ -165,13 +180,15 @@ def main(args):
         knn_predict(train_features, train_labels, test_features, num_classes, **kw), test_labels)
     results = {"knn_top1": knn(), "knn5_top1": knn(k=5, weighted=False),
                "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean")}
-    if args.protocol == "augmented":
-        augmented = T.Compose([
-            T.RandomResizedCrop(source.image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(source.mean, source.std)])
+    if args.protocol in ("augmented", "intl-imagenet"):
+        imagenet = args.protocol == "intl-imagenet"  # torchvision's default bilinear crops, as INTL's evaluate.py
+        interpolation = T.InterpolationMode.BILINEAR if imagenet else T.InterpolationMode.BICUBIC
+        augmented = T.Compose([T.RandomResizedCrop(source.image_size, scale=(0.08, 1.0), interpolation=interpolation),
+                               T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(source.mean, source.std)])
+        lr = args.lr * args.batch_size / 256 if imagenet else args.lr
         top1, top5 = train_linear_augmented(
             backbone, feature_dim, loader(source.make("train", augmented), True), test_features, test_labels,
-            num_classes, args.epochs, args.lr, device)
+            num_classes, args.epochs, lr, device, imagenet, args.weight_decay)
     elif args.protocol == "intl":
         top1, top5 = intl_linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
                                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -179,7 +196,8 @@ def main(args):
         top1, top5 = linear_probe(train_features, train_labels, test_features, test_labels, num_classes,
                                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     results.update(linear_top1=top1, linear_top5=top5, protocol=args.protocol, random_init=args.random_init,
-                   epochs=args.epochs, checkpoint=os.path.abspath(args.checkpoint), dataset=run.dataset)
+                   epochs=args.epochs, weight_decay=args.weight_decay, checkpoint=os.path.abspath(args.checkpoint),
+                   dataset=run.dataset)
     out_name = "linear_eval" + ("_random_init" if args.random_init else "") + \
         ("" if args.protocol == "fast" else f"_{args.protocol}")
     out_path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), out_name + ".json")

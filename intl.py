@@ -1,17 +1,21 @@
 # INTL (Weng et al., ICLR 2024) https://arxiv.org/abs/2305.16789 — needs common.py beside it
 """Modulate Your Spectrum in Self-Supervised Learning: whiten each view's embedding by IterNorm
 (Newton's iteration), align the two whitened views, and add a trace loss that pushes the whitened
-embedding's eigenvalues towards one another. No negatives, no predictor, no target network.
+embedding's eigenvalues towards one another. No negatives, no predictor; with --ema (the authors' ImageNet
+intl_m) an EMA target network whitens one view for the others, and multi-crop adds four smaller views.
 
 Usage:
     python intl.py --dataset synthetic                   # offline check: convnet, 40 epochs, 2 CPU cores
     python intl.py --dataset cifar10                     # reference recipe: 1000 epochs, one GPU
     python intl.py --dataset folder --data-dir DIR       # DIR/train/<class>/*.jpg and DIR/test/<class>/*.jpg
+    python intl.py --recipe imagenet --data-dir IMAGENET # ResNet-50, multi-crop, EMA, 800 epochs: 76.6% (authors')
+    python intl.py --recipe imagenet100 --data-dir IN100 # ResNet-18, 2 x 224 views, 400 epochs: 81.68% (authors')
     python intl.py --resume runs/NAME/checkpoint.pt      # continue a run where it stopped
     torchrun --standalone --nproc_per_node 8 intl.py --dataset cifar10   # 8 GPUs: one GPU's steps (README)
 Defaults are the authors' CIFAR-10 configuration (winci-ai/INTL) behind 92.60% linear top-1 (ResNet-18, 1000 epochs).
 """
 import argparse
+import copy
 import math
 
 import torch
@@ -26,13 +30,27 @@ from common import (
 
 METHOD = "intl"
 
+# ALGO-SPECIFIC: the recipes, one per published setting (--recipe NAME; each lists what differs from the first, the
+# default), from winci-ai/INTL 0aa69af (scripts/*.sh, main.py, cfg.py defaults; numbers in its README)
+RECIPES = {
+    # scripts/cifar10.sh: behind 92.60% (INTL probe), ResNet-18; cifar/main.py decays every parameter
+    "cifar": dict(epochs=1000, batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4, warmup_epochs=2,
+                  final_lr_ratio=0.001, augmentations="asymmetric", probe_lr=0.1),
+    # scripts/in100.sh: behind 81.68% top-1 / 73.46% 5-NN; 2 x 224 views, no EMA; main.py: no decay on ndim-1 params
+    "imagenet100": dict(dataset="folder", arch="resnet18", epochs=400, batch_size=128, optimizer="sgd-norms-excluded",
+                        base_lr=0.5, weight_decay=2.5e-5, proj_hidden_dim=4096, proj_dim=8192),
+    # scripts/ep800_multi-crop_ema.sh (--method intl_m --multi-crop): behind 76.6% top-1; zero-init residual for
+    # ResNet-50 (src/model.py); 100/200/400 epochs at lr 0.5/0.4/0.4: 73.5/75.2/76.1%
+    "imagenet": dict(dataset="folder", arch="resnet50", zero_init_residual=True, epochs=800, batch_size=256,
+                     optimizer="sgd-norms-excluded", base_lr=0.3, weight_decay=1e-5, augmentations="multicrop",
+                     proj_hidden_dim=8192, proj_dim=8192, ema=True),
+}
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # ALGO-SPECIFIC: the recipe, the authors' CIFAR-10 config behind 92.60% (winci-ai/INTL scripts/cifar10.sh)
-    add_recipe_args(parser, epochs=1000, batch_size=256, optimizer="sgd", base_lr=0.3, weight_decay=1e-4,
-                    warmup_epochs=2, final_lr_ratio=0.001, augmentations="asymmetric",
-                    probe_lr=0.1)
+    add_recipe_args(parser, RECIPES)  # --recipe, then --epochs ... --probe-lr: the recipe's values
+    # ALGO-SPECIFIC: the method's own flags, the first recipe's values as their defaults
     parser.add_argument("--iters", type=positive_int, default=4,
                         help="Newton iterations T of IterNorm (default: %(default)s)")
     parser.add_argument("--axis", type=int, choices=(0, 1), default=0,
@@ -45,12 +63,17 @@ def parse_args(argv=None):
                         help="projector hidden width (default: %(default)s)")
     parser.add_argument("--proj-dim", type=positive_int, default=2048,
                         help="projector output width (default: %(default)s)")
+    parser.add_argument("--ema", action="store_true",
+                        help="the authors' intl_m: view 0 through an EMA target of backbone and projector only, every "
+                             "other view against it (default: off: every view i >= 1 against view 0)")
+    parser.add_argument("--ema-base", type=Bounded(float, ge=0, le=1), default=0.996,
+                        help="EMA momentum at step 0, rising to 1 on a cosine (cfg.py --m) (default: %(default)s)")
     # The offline check (--dataset synthetic): the 4-layer convnet for 40 epochs (at 20, learning had often
     # not started before the learning rate decayed); flags given on the command line still win
     offline_check = dict(arch="convnet", epochs=40)
     # TRY NOT TO MODIFY: the infrastructure flags every method shares, then parsing and checks
     add_common_args(parser)
-    return parse_run_args(parser, argv, METHOD, offline_check)
+    return parse_run_args(parser, argv, METHOD, RECIPES, offline_check)
 
 
 # ALGO LOGIC: loss
@@ -110,6 +133,43 @@ def intl_loss(z1, z2, iters=4, axis=0, beta=None):
     return alignment + beta * trace, {"alignment": alignment.detach(), "trace": trace.detach()}
 
 
+def multi_view_intl_loss(zs, iters=4, axis=0, beta=None, z_target=None):
+    """INTL over two views or more (multi-crop), each view whitened on its own, as the authors' methods/intl.py
+    and methods/intl_m.py pair them:
+        z_target None: every view i >= 1 against view 0, both with gradient; with V views
+            loss = 1/(V-1) sum_{i>=1} [(2 - 2 mean cos(z^_i, z^_0)) + beta (TL(Z^_i) + TL(Z^_0))]
+        z_target, the EMA target's projection of view 0 (--ema, intl_m): every view in zs against it, whitened
+        too, its trace loss not counted: loss = mean_i [(2 - 2 mean cos(z^_i, z^_target)) + beta TL(Z^_i)]
+    Two views without a target: intl_loss. zs: [(N, D)]; returns (loss, mean alignment and trace, detached)."""
+    zs = [gather(z) for z in zs]                                              # [(N, D)], all processes
+    n, d = zs[0].shape
+    if beta is None:
+        beta = 0.01 * (math.log2(n if axis == 0 else d) - 3)
+    z_hats = [iter_norm(z, iters, axis) for z in zs]                          # [(N, D)]
+    if z_target is None:
+        anchor, others, anchor_trace = z_hats[0], z_hats[1:], trace_loss(z_hats[0], axis)
+    else:
+        anchor, others, anchor_trace = iter_norm(gather(z_target), iters, axis), z_hats, 0.0
+    unit = nn.functional.normalize
+    alignment = torch.stack([2 - 2 * (unit(z_hat, dim=1) * unit(anchor, dim=1)).sum(dim=1).mean() for z_hat in others])
+    trace = torch.stack([trace_loss(z_hat, axis) + anchor_trace for z_hat in others])
+    return (alignment + beta * trace).mean(), {"alignment": alignment.mean().detach(), "trace": trace.mean().detach()}
+
+
+# ALGO LOGIC: the EMA target (--ema)
+def ema_momentum(step, total_steps, base=0.996):
+    """m after optimiser step k (from 0), main.py: m = 1 - (1 - base) (1 + cos(pi k / K)) / 2, from base to 1."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m target + (1 - m) online, parameter by parameter (methods/intl_m.py); BatchNorm statistics are
+    buffers: the target keeps its own."""
+    for target_param, online_param in zip(target.parameters(), online.parameters()):
+        target_param.lerp_(online_param, 1 - m)
+
+
 @torch.no_grad()
 def spectrum_stats(z, iters=4, axis=0):
     """What IterNorm and the trace loss do to the spectrum, for the progress line: the effective
@@ -136,10 +196,12 @@ def main(args):
     args.image_size, args.pipeline = data.image_size, data.pipeline      # what auto chose, stored with the run
 
     # ALGO LOGIC: model
-    backbone, feature_dim = build_backbone(args.arch, data.image_size)
+    backbone, feature_dim = build_backbone(args.arch, data.image_size, args.zero_init_residual)
     projector = projection_mlp([feature_dim, args.proj_hidden_dim, args.proj_hidden_dim, args.proj_dim],
                                hidden_bias=False)  # [Linear(no bias)-BN-ReLU] x 2, Linear with bias
-    model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(device)
+    online = nn.ModuleDict({"backbone": backbone, "projector": projector})
+    model = nn.ModuleDict({**online, "target": copy.deepcopy(online).requires_grad_(False)} if args.ema else online)
+    model = model.to(device)  # one state dict for checkpoints; moves online (and its target) in place
 
     # TRY NOT TO MODIFY: orthogonality regularizer (--ortho), optimiser, schedule, resume, the run's records
     model["online_probe"] = nn.Linear(feature_dim, data.num_classes).to(device)  # solo-learn's online classifier
@@ -169,16 +231,25 @@ def main(args):
                 lr = set_lr(optimizer, warmup_cosine(global_step, total_steps, warmup_steps, peak_lr,
                                                      peak_lr * args.final_lr_ratio))
                 # ALGO LOGIC: training step
-                x1, x2 = views                                                   # (B, 3, H, W) each
+                online_views = views[1:] if args.ema else views                  # --ema: view 0 is the target's
                 with autocast(device, args.precision):
-                    h1, h2 = model["backbone"](x1), model["backbone"](x2)        # (B, feature_dim) representations
-                    z1, z2 = model["projector"](h1), model["projector"](h2)      # (B, proj_dim) projections
-                ssl_loss, loss_terms = intl_loss(
-                    z1.float(), z2.float(), args.iters, args.axis, args.beta
-                )  # whitening in fp32
+                    hs = [model["backbone"](x) for x in online_views]            # [(B, feature_dim)] representations
+                    zs = [model["projector"](h) for h in hs]                     # [(B, proj_dim)] projections
+                    with torch.no_grad():                                         # the target gets no gradient
+                        z_target = model["target"]["projector"](model["target"]["backbone"](views[0])) \
+                            if args.ema else None                                # (B, proj_dim)
+                if len(views) == 2 and not args.ema:  # whitening in fp32
+                    ssl_loss, loss_terms = intl_loss(zs[0].float(), zs[1].float(), args.iters, args.axis, args.beta)
+                else:
+                    target = None if z_target is None else z_target.float()
+                    ssl_loss, loss_terms = multi_view_intl_loss([z.float() for z in zs], args.iters, args.axis,
+                                                                args.beta, target)
                 terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
-                if run.log_due(global_step + 1):                                     # watch the spectrum being modulated
-                    terms.update(spectrum_stats(gather(z1.float()), args.iters, args.axis))  # the global batch
+                if args.ema:
+                    terms["ema_m"] = ema_momentum(global_step, total_steps, args.ema_base)
+                if run.log_due(global_step + 1):                                 # watch the spectrum being modulated
+                    terms.update(spectrum_stats(gather(zs[0].float()), args.iters, args.axis))  # the global batch
+                h1, h2 = hs[0], hs[1 % len(hs)]                                  # the online probe's two views
 
                 # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging
                 probe_loss = online_probe_loss(model["online_probe"], (h1, h2), labels)  # no gradient to the backbone
@@ -190,6 +261,9 @@ def main(args):
                 optimizer_step(loss, optimizer, scaler)
                 global_step += 1
                 run.train_step(epoch, global_step, terms, lr)
+                # ALGO LOGIC: after each optimiser step the EMA target (--ema) moves towards the online network
+                if args.ema:
+                    ema_update(model["target"], online, ema_momentum(global_step - 1, total_steps, args.ema_base))
                 # TRY NOT TO MODIFY: SIGINT/SIGTERM stop after a whole step; checkpoint.pt every epoch, backbone.pt last
                 run.stop_if_signalled(epoch, global_step)                    # a checkpoint at this step, exit 130/143
             run.end_of_epoch(epoch, global_step)                             # kNN every --eval-every, linear probe last

@@ -25,21 +25,32 @@ import time
 METHODS = ("simclr", "byol", "vicreg", "intl")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Published CIFAR-10 numbers, ResNet-18: (method, epochs, batch) -> [(protocol, our metric, top-1 %, source)].
+# Published numbers: (method, recipe, epochs, batch) -> [(protocol, our metric, top-1 %, source)]; our metric None:
+# the protocol is a separate command (eval_linear.py), not in this table. CIFAR-10 and ImageNet-100: ResNet-18.
 # lightly's benchmark (docs "Benchmarks", CIFAR-10, batch 512, single A6000, best epoch) trains another
 # recipe: SGD 0.06 x batch / 128, weight decay 5e-4, SimCLR temperature 0.5, BYOL EMA fixed at 0.99.
 LIGHTLY = "lightly CIFAR-10 benchmark (kNN k=200 T=0.1, best epoch; its own recipe: SGD 0.06xbs/128, wd 5e-4)"
 SOLO = "solo-learn fca55e3 README (online linear probe, last epoch)"
 INTL = "winci-ai/INTL README (INTL probe / Euclidean 5-NN)"
+INTL_IN = "winci-ai/INTL README d2bfe9a..0aa69af (ResNet-50, multi-crop, EMA; eval_linear.py --protocol intl-imagenet)"
+IN100_SOLO = "solo-learn fca55e3 README, ImageNet-100 (online linear probe, last epoch)"
+IN100_INTL = "winci-ai/INTL README 5b9aebe (scripts/in100.sh; its 5-NN code is not in the repository)"
 REFERENCES = {
-    ("simclr", 200, 512): [("weighted kNN, best epoch", "knn_best", 84.8, LIGHTLY)],
-    ("byol", 200, 512): [("weighted kNN, best epoch", "knn_best", 86.8, LIGHTLY)],
-    ("simclr", 800, 512): [("weighted kNN, best epoch", "knn_best", 87.9, LIGHTLY)],
-    ("byol", 800, 512): [("weighted kNN, best epoch", "knn_best", 91.0, LIGHTLY)],
-    ("simclr", 1000, 256): [("online probe", "online_last", 90.74, SOLO)],
-    ("byol", 1000, 256): [("online probe", "online_last", 92.58, SOLO)],
-    ("vicreg", 1000, 256): [("online probe", "online_last", 92.07, SOLO)],
-    ("intl", 1000, 256): [("INTL 5-NN (Euclidean)", "knn5_euclidean_last", 90.03, INTL)],
+    ("simclr", "cifar", 200, 512): [("weighted kNN, best epoch", "knn_best", 84.8, LIGHTLY)],
+    ("byol", "cifar", 200, 512): [("weighted kNN, best epoch", "knn_best", 86.8, LIGHTLY)],
+    ("simclr", "cifar", 800, 512): [("weighted kNN, best epoch", "knn_best", 87.9, LIGHTLY)],
+    ("byol", "cifar", 800, 512): [("weighted kNN, best epoch", "knn_best", 91.0, LIGHTLY)],
+    ("simclr", "cifar", 1000, 256): [("online probe", "online_last", 90.74, SOLO)],
+    ("byol", "cifar", 1000, 256): [("online probe", "online_last", 92.58, SOLO)],
+    ("vicreg", "cifar", 1000, 256): [("online probe", "online_last", 92.07, SOLO)],
+    ("intl", "cifar", 1000, 256): [("INTL 5-NN (Euclidean)", "knn5_euclidean_last", 90.03, INTL)],
+    ("simclr", "imagenet100", 400, 256): [("online probe", "online_last", 77.04, IN100_SOLO)],
+    ("byol", "imagenet100", 400, 256): [("online probe", "online_last", 79.76, IN100_SOLO)],
+    ("vicreg", "imagenet100", 400, 256): [("online probe", "online_last", 79.22, IN100_SOLO)],
+    ("intl", "imagenet100", 400, 128): [("linear (INTL's ImageNet protocol)", None, 81.68, IN100_INTL),
+                                        ("5-NN", "knn5_euclidean_last", 73.46, IN100_INTL)],
+    **{("intl", "imagenet", epochs, 256): [("linear (INTL's ImageNet protocol)", None, top1, INTL_IN)]
+       for epochs, top1 in ((100, 73.5), (200, 75.2), (400, 76.1), (800, 76.6))},
 }
 
 
@@ -50,6 +61,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", nargs="+", default=None, metavar="'METHOD [FLAGS]'",
                         help="runs with extra flags instead of --methods, e.g. byol 'byol --ortho so'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of every run (default: 0)")
+    parser.add_argument("--recipe", choices=("cifar", "imagenet100", "imagenet"), default="cifar",
+                        help="--recipe of the runs (imagenet: INTL only) (default: %(default)s)")
     parser.add_argument("--dataset", default="cifar10", help="--dataset of the runs (default: %(default)s)")
     parser.add_argument("--data-dir", default="./data", help="--data-dir of the runs (default: %(default)s)")
     parser.add_argument("--synthetic-size", type=int, default=None, help="--synthetic-size of the runs")
@@ -64,6 +77,8 @@ def parse_args(argv=None):
     for spec in specs:
         if not spec.split() or spec.split()[0] not in METHODS:
             parser.error(f"a run must start with one of {', '.join(METHODS)}: got {spec!r}")
+    if args.recipe == "imagenet" and any(spec.split()[0] != "intl" for spec in specs):
+        parser.error("--recipe imagenet is INTL's alone (the others publish ImageNet-100 recipes): --methods intl")
     if args.epochs < 1 or args.parallel < 1:
         parser.error("--epochs and --parallel must be at least 1")
     if os.path.exists(os.path.join(args.out, "results.json")):
@@ -76,8 +91,8 @@ def run_command(spec, seed, args):
     """(run name, argv) of one run: the method file with the shared budget and the spec's own flags."""
     method, *extra = shlex.split(spec)
     name = "-".join([method] + [flag.lstrip("-") for flag in extra] + [f"s{seed}"])
-    argv = [sys.executable, os.path.join(HERE, f"{method}.py"), "--dataset", args.dataset, "--data-dir",
-            args.data_dir, "--epochs", str(args.epochs), "--seed", str(seed), "--device", args.device,
+    argv = [sys.executable, os.path.join(HERE, f"{method}.py"), "--recipe", args.recipe, "--dataset", args.dataset,
+            "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--seed", str(seed), "--device", args.device,
             "--out-dir", os.path.join(args.out, "runs"), "--run-name", name, "--log-every", "20"]
     for flag, value in (("--batch-size", args.batch_size), ("--eval-every", args.eval_every),
                         ("--synthetic-size", args.synthetic_size)):
@@ -98,7 +113,8 @@ def summarise(run_dir):
     run_args = json.load(open(os.path.join(run_dir, "args.json")))
     rates = sorted(r["images_per_s"] for r in train)
     last = evals[-1]  # a stopped run's last evaluation: epochs is how far it got, budget what it was to train
-    return {"method": run_args["method"], "epochs": last["epoch"], "budget": run_args["epochs"],
+    return {"method": run_args["method"], "recipe": run_args["recipe"], "epochs": last["epoch"],
+            "budget": run_args["epochs"],
             "batch": run_args["batch_size"],
             "images_per_s": rates[len(rates) // 2] if rates else None,
             "knn_best": max(r["knn_top1"] for r in evals), "knn_last": last["knn_top1"],
@@ -148,9 +164,10 @@ def table(rows):
              "fast linear probe | published, same budget and protocol |", "|" + "---|" * 9]
     for row in rows:
         finished = row["epochs"] == row.get("budget", row["epochs"])  # a stopped run matches no published budget
-        references = REFERENCES.get((row["method"], row["epochs"], row["batch"]), []) if finished else []
+        references = REFERENCES.get((row["method"], row["recipe"], row["epochs"], row["batch"]), []) if finished else []
         epochs = row["epochs"] if finished else f"{row['epochs']} of {row['budget']} (stopped)"
-        published = "; ".join(f"{value} ({protocol}; ours {cell(row.get(metric))}) — {source}"
+        ours = lambda metric: cell(row.get(metric)) if metric else "not in this table"  # noqa: E731
+        published = "; ".join(f"{value} ({protocol}; ours {ours(metric)}) — {source}"
                               for protocol, metric, value, source in references)
         lines.append(f"| {row['name']} | {epochs} | {row['batch']} | {row['seconds'] / 60:.1f} min | "
                      f"{cell(row['images_per_s'], '{:,.0f}')} | {cell(row['knn_best'])} / {cell(row['knn_last'])} | "

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import Data, blur_kernel_size, die, first_image_size, image_folder, left_out, read_image, recipe_settings
+from common import (EVAL_TRAIN_IMAGES, Data, blur_kernel_size, die, eval_size, first_image_size, image_folder, left_out,
+                    read_image, recipe_settings)
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
 
@@ -299,10 +300,11 @@ class TensorEvalLoader:
         for start in range(0, len(self.images), self.batch_size):
             x = self.images[start:start + self.batch_size].float() / 255                 # (B, 3, H, W)
             num, _, height, width = x.shape
-            size = self.image_size
-            if (height, width) != (size, size):  # T.Resize(size) (shorter side) then T.CenterCrop(size)
+            size, resize = self.image_size, eval_size(self.image_size)
+            if (height, width) != (size, size) or resize != size:  # T.Resize(resize) (shorter side), T.CenterCrop(size)
                 wide = height <= width
-                out_h, out_w = (size, int(size * width / height)) if wide else (int(size * height / width), size)
+                out_h, out_w = (resize, int(resize * width / height)) if wide else (int(resize * height / width),
+                                                                                    resize)
                 whole = lambda length: torch.full((num,), length, device=x.device)  # noqa: E731
                 x = resized_crop(x, whole(0), whole(0), whole(height), whole(width), (out_h, out_w))
                 top, left = int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
@@ -386,6 +388,14 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
     memory and pipeline is 'auto' (the caller then uses the PIL pipeline). augmentations and blur_p: the
     recipe, as common.recipe_settings takes it; rank, world_size: torchrun's; overlap: augment the next
     batch while the step runs (TensorTwoViewLoader)."""
+    size, mean, std = source.image_size, source.mean, source.std
+    views = recipe_settings(augmentations, size, blur_p)
+    if len(views) != 2 or views[0]["crop_size"] != views[1]["crop_size"]:
+        why = f"--augmentations {augmentations} asks for {len(views)} views; the tensor pipeline makes two of one size"
+        if pipeline == "tensor":
+            die(f"{why}; use --pipeline pil")
+        print(f"--pipeline auto: {why}; using the PIL pipeline")
+        return None
     splits = {}
     for split in ("train", "test", "pretrain"):  # pretrain is the train split, except STL-10's (train + unlabeled)
         same = split == "pretrain" and source.name != "stl10"
@@ -403,10 +413,13 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
             moved[id(images)] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
                                  torch.as_tensor(labels))
     on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
-    size, mean, std = source.image_size, source.mean, source.std
-    view1, view2 = (BatchedView(size, mean, std, **view) for view in recipe_settings(augmentations, size, blur_p))
+    view1, view2 = (BatchedView(mean=mean, std=std, **view) for view in views)
     train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size,
                                        overlap)
+    images, labels = on_device["train"]  # kNN and the probes take at most EVAL_TRAIN_IMAGES, evenly spaced
+    spaced = torch.linspace(0, len(images) - 1, min(len(images), EVAL_TRAIN_IMAGES), device=device).long()
+    if len(images) > EVAL_TRAIN_IMAGES:
+        on_device["train"] = (images[spaced], labels[spaced.cpu()])
     eval_loader = lambda split: TensorEvalLoader(*on_device[split], size, mean, std, device)  # noqa: E731
     megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
     print(

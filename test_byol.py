@@ -91,12 +91,25 @@ def test_the_recipe_is_pinned_to_its_source():
     assert {name: getattr(args, name) for name in PINNED_RECIPE} == PINNED_RECIPE
 
 
+# solo-learn fca55e3 bash_files/pretrain/imagenet-100/byol.sh (batch 128 x 2 GPUs), solo/args defaults
+PINNED_IMAGENET100 = dict(dataset="folder", arch="resnet18", epochs=400, batch_size=256, optimizer="lars", base_lr=1.0,
+                          weight_decay=1e-5, warmup_epochs=10, final_lr_ratio=0.0, augmentations="asymmetric",
+                          probe_lr=0.1, tau_base=0.99, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=8192)
+
+
+def test_the_imagenet100_recipe_is_pinned_to_its_source():
+    """At 224 px the recipe's views are solo-learn's ImageNet-100 ones too (blur and solarisation by view)."""
+    args = byol.parse_args(["--recipe", "imagenet100", "--data-dir", "IN100", "--device", "cpu"])
+    assert {name: getattr(args, name) for name in PINNED_IMAGENET100} == PINNED_IMAGENET100
+
+
 def test_the_training_step_averages_the_two_directions_and_adds_the_probe_and_the_weighted_penalty(
         tmp_path, monkeypatch, tiny_folder):
     """Each view's prediction regresses the other view's target projection; the two directions averaged
     (solo-learn fca55e3), not summed: a sum would double the BYOL term against the probe and the penalty."""
     monkeypatch.chdir(tmp_path)
-    step = first_training_step(byol, folder_run(tiny_folder, "--epochs", "1", "--ortho", "so", "--ortho-weight", "0.01"))
+    argv = folder_run(tiny_folder, "--epochs", "1", "--ortho", "so", "--ortho-weight", "0.01")
+    step = first_training_step(byol, argv)
     model, ((x1, x2), labels) = step.model, step.batch
     with torch.no_grad():
         h1, h2 = model["backbone"](x1), model["backbone"](x2)

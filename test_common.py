@@ -82,7 +82,7 @@ def test_projection_mlp_layout():
 def test_every_image_in_a_batch_gets_its_own_views():
     image = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
     view1, view2 = common.augmentation_recipe("symmetric", 32, (0.5,) * 3, (0.25,) * 3)
-    two_views = common.TwoViews(view1, view2)
+    two_views = common.Views(view1, view2)
     pairs = [two_views(Image.fromarray(image)) for _ in range(8)]
     x1, x2 = torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
     assert x1.shape == x2.shape == (8, 3, 32, 32)
@@ -133,11 +133,76 @@ def test_recipes_match_the_published_configs():
 
 
 def test_blur_p_replaces_the_recipes_blur_in_both_views():
-    assert common.recipe_settings("symmetric", 32, 0.0) == ({**common.AUGMENTATION_RECIPES["symmetric"][0],
-                                                              "blur_p": 0.0},) * 2
+    assert common.recipe_settings("symmetric", 32, 0.0) == [{**common.AUGMENTATION_RECIPES["symmetric"][0],
+                                                              "blur_p": 0.0, "crop_size": 32}] * 2
     assert [v["blur_p"] for v in common.recipe_settings("asymmetric", 96, 0.3)] == [0.3, 0.3]
     assert [v["blur_p"] for v in common.recipe_settings("asymmetric", 96)] == [1.0, 0.1]
     assert [v["blur_p"] for v in common.recipe_settings("vicreg", 32)] == [0.5, 0.5]
+
+
+def test_the_multi_crop_views_are_intls_imagenet_crops_scaled_to_the_image_size():
+    """winci-ai/INTL 0aa69af src/transform.py (Multi_Crop): crops [2, 1, 1, 1, 1] of [224, 192, 160, 128, 96] px,
+    scales from [0.2, 0.171, 0.143, 0.114, 0.086] to [1, 0.857, 0.714, 0.571, 0.429]; every crop: blur 0.5,
+    solarisation 0.1, jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2, bicubic, flip 0.5."""
+    views = common.augmentation_recipe("multicrop", 224, (0.5,) * 3, (0.25,) * 3)
+    steps = [{type(t.transforms[0] if isinstance(t, common.T.RandomApply) else t).__name__: t for t in v.transforms}
+             for v in views]
+    crops = [view["RandomResizedCrop"] for view in steps]
+    assert [c.size for c in crops] == [(224, 224), (224, 224), (192, 192), (160, 160), (128, 128), (96, 96)]
+    assert [c.scale for c in crops] == [(0.2, 1.0), (0.2, 1.0), (0.171, 0.857), (0.143, 0.714), (0.114, 0.571),
+                                        (0.086, 0.429)]
+    assert all(c.interpolation == common.T.InterpolationMode.BICUBIC for c in crops)
+    for view in steps:
+        jitter = view["ColorJitter"].transforms[0]
+        assert [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue] == [
+            pytest.approx((0.6, 1.4)), pytest.approx((0.6, 1.4)), pytest.approx((0.8, 1.2)), pytest.approx((-0.1, 0.1))]
+        assert (view["ColorJitter"].p, view["RandomGrayscale"].p, view["RandomHorizontalFlip"].p) == (0.8, 0.2, 0.5)
+        assert (view["GaussianBlur"].p, view["RandomSolarize"].p) == (0.5, 0.1)
+    assert [v["crop_size"] for v in common.recipe_settings("multicrop", 64)] == [64, 64, 55, 46, 37, 27]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90, 3), dtype=np.uint8))
+    assert [tuple(x.shape) for x in common.Views(*common.augmentation_recipe("multicrop", 64, (0.5,) * 3,
+                                                                             (0.25,) * 3))(image)] == \
+        [(3, 64, 64), (3, 64, 64), (3, 55, 55), (3, 46, 46), (3, 37, 37), (3, 27, 27)]
+
+
+def test_the_eval_transform_resizes_to_256_and_crops_224_at_imagenet_size_and_keeps_small_images_whole():
+    assert [common.eval_size(size) for size in (32, 64, 96, 224, 112)] == [32, 64, 96, 256, 128]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    x = common.eval_transform(224, (0.5,) * 3, (0.25,) * 3)(image)
+    resized = image.resize((341, 256), Image.BICUBIC)  # the shorter side to 256: 400 x 256 / 300 = 341.3
+    expected = (torch.from_numpy(np.array(resized)[16:240, 58:282]).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    small = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.testing.assert_close(common.eval_transform(32, (0.0,) * 3, (1.0,) * 3)(small),
+                               torch.from_numpy(np.array(small)).permute(2, 0, 1).float() / 255)
+
+
+@pytest.mark.parametrize("arch,last_norm", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_zeroes_the_last_norm_of_every_residual_block(arch, last_norm):
+    for zero in (False, True):
+        net, _ = common.build_backbone(arch, 224, zero_init_residual=zero)
+        norms = [getattr(block, last_norm).weight for layer in (net.layer1, net.layer2, net.layer3, net.layer4)
+                 for block in layer]
+        assert len(norms) == (8 if arch == "resnet18" else 16)
+        assert all((w == 0).all() for w in norms) == zero and all((w != 0).all() for w in norms) != zero
+        assert (net.bn1.weight == 1).all()  # the stem's norm is not residual
+
+
+def test_sgd_with_norms_excluded_decays_the_weights_only_as_intls_imagenet_code():
+    """INTL 0aa69af main.py: params with ndim == 1 (biases, every norm weight and bias) in a group without
+    weight decay, the rest with cfg.wd; plain sgd (its CIFAR code) decays all; the probe never."""
+    model = nn.ModuleDict({"backbone": nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)),
+                           "online_probe": nn.Linear(2, 3)})
+    optimizer = common.build_optimizer("sgd-norms-excluded", model, lr=0.3, weight_decay=1e-5, probe_lr=0.1)
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    backbone = model["backbone"]
+    assert [decays[id(p)] for p in (backbone[0].weight, backbone[2].weight)] == [1e-5, 1e-5]
+    norms = (backbone[0].bias, backbone[1].weight, backbone[1].bias, backbone[2].bias)
+    assert [decays[id(p)] for p in norms] == [0] * 4
+    assert all(decays[id(p)] == 0 for p in model["online_probe"].parameters()) and len(decays) == 8
+    assert optimizer.defaults["momentum"] == 0.9 and isinstance(optimizer, torch.optim.SGD)
+    plain = common.build_optimizer("sgd", model, lr=0.3, weight_decay=1e-4, probe_lr=0.1)
+    assert sum(len(g["params"]) for g in plain.param_groups if g["weight_decay"] == 1e-4) == 6
 
 # ----------------------------------------------------------------------------------------------
 # Orthogonality regularization (SO, SRIP)
@@ -476,14 +541,33 @@ def test_embedding_stats_tell_collapse_from_spread():
 # ----------------------------------------------------------------------------------------------
 
 
+# Two recipes like a method file's (no method file needed): the first gives the flags' defaults
+RECIPES = {"small": dict(epochs=100, batch_size=256, optimizer="lars", base_lr=0.4, weight_decay=1e-5, warmup_epochs=10,
+                         final_lr_ratio=0.0, augmentations="symmetric", probe_lr=0.1),
+           "big": dict(dataset="folder", arch="resnet50", epochs=800, base_lr=0.3, zero_init_residual=True)}
+
+
 def parse(argv, offline_check=None):
-    """common.parse_run_args on a parser of common's flags alone, a recipe like SimCLR's (no method file)."""
+    """common.parse_run_args on a parser of common's flags alone, with RECIPES."""
     parser = argparse.ArgumentParser()
-    common.add_recipe_args(parser, epochs=100, batch_size=256, optimizer="lars", base_lr=0.4, weight_decay=1e-5,
-                           warmup_epochs=10, final_lr_ratio=0.0, augmentations="symmetric", probe_lr=0.1)
+    common.add_recipe_args(parser, RECIPES)
     common.add_common_args(parser)
-    return common.parse_run_args(parser, argv + ["--device", "cpu"], "test", offline_check or dict(arch="convnet",
-                                                                                                    epochs=40))
+    return common.parse_run_args(parser, argv + ["--device", "cpu"], "test", RECIPES,
+                                 offline_check or dict(arch="convnet", epochs=40))
+
+
+def test_a_recipe_gives_its_values_to_the_flags_not_given_and_the_first_recipe_is_the_default():
+    assert (parse([]).recipe, parse([]).epochs, parse([]).arch, parse([]).zero_init_residual) == \
+        ("small", 100, "resnet18", False)
+    args = parse(["--recipe", "big"])
+    assert (args.dataset, args.arch, args.epochs, args.base_lr, args.zero_init_residual, args.weight_decay) == \
+        ("folder", "resnet50", 800, 0.3, True, 1e-5)                    # the rest: the first recipe's
+    assert (args.warmup_epochs, args.eval_every) == (10, 80)            # derived from the recipe's epochs
+    args = parse(["--recipe", "big", "--epochs", "5", "--dataset", "synthetic"])  # given flags win over the recipe,
+    assert (args.epochs, args.arch, args.dataset) == (5, "convnet", "synthetic")  # the offline check over both
+    parser = argparse.ArgumentParser()
+    common.add_recipe_args(parser, RECIPES)
+    assert "big: dataset=folder, arch=resnet50, epochs=800" in " ".join(parser.format_help().split())  # --help
 
 
 @pytest.mark.parametrize("argv,expected", [
@@ -852,7 +936,8 @@ def test_errors_a_user_cannot_fix_in_the_code_end_in_one_line_and_a_bug_shows_it
         simclr.main(simclr.parse_args(["--resume", str(run_dir / "checkpoint.pt")]))
     err = capsys.readouterr().err
     assert err.strip() == ("error: the code raised an exception (its traceback follows); once fixed, continue from "
-                           f"the checkpoint with `python simclr.py --resume {os.path.relpath(run_dir / 'checkpoint.pt')}`")
+                           f"the checkpoint with `python simclr.py --resume "
+                           f"{os.path.relpath(run_dir / 'checkpoint.pt')}`")
     assert hashlib.sha1((run_dir / "checkpoint.pt").read_bytes()).hexdigest() == digest
     result = subprocess.run([sys.executable, "-c", "import simclr, sys; from unittest import mock; "
                              "mock.patch.object(simclr, 'nt_xent_loss', lambda *a: 1 / 0).start(); "

@@ -23,7 +23,8 @@ METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
 WORLD = 2  # CPU processes with gloo
 
 
-DISTRIBUTED_CASES = ("simclr", "vicreg", "intl axis 0", "intl axis 1", "byol", "online probe", "batchnorm")
+DISTRIBUTED_CASES = ("simclr", "vicreg", "intl axis 0", "intl axis 1", "intl multi-crop ema", "byol", "online probe",
+                     "batchnorm")
 
 
 def distributed_case(name, rank=0, world_size=1):
@@ -39,6 +40,9 @@ def distributed_case(name, rank=0, world_size=1):
         return simclr.nt_xent_loss(z1, z2, 0.2), [z1, z2], [], []
     if name == "vicreg":
         return vicreg.vicreg_loss(z1, z2)[0], [z1, z2], [], []
+    if name == "intl multi-crop ema":  # three online views against the whitened target, all of the global batch
+        z3, target = local(16, 12), local(16, 12).detach()
+        return intl.multi_view_intl_loss([z1, z2, z3], z_target=target)[0], [z1, z2, z3], [], []
     if name.startswith("intl"):
         return intl.intl_loss(z1, z2, 4, int(name[-1]))[0], [z1, z2], [], []
     if name == "byol":
@@ -100,7 +104,7 @@ def test_gathered_losses_on_two_processes_equal_one_process_and_so_do_the_gradie
         torch.testing.assert_close(sum(r[2][i] for r in ranks) / WORLD, p.grad, rtol=0, atol=tolerance)
     for i, b in enumerate(buffers):
         assert all(torch.allclose(r[3][i], b, rtol=0, atol=1e-12) for r in ranks)
-    if name in ("simclr", "intl axis 0", "online probe"):  # a loss of the global batch: the same everywhere
+    if name in ("simclr", "intl axis 0", "intl multi-crop ema", "online probe"):  # the global batch's: the same
         assert all(r[0].item() == pytest.approx(loss.item(), rel=tolerance) for r in ranks)
 
 

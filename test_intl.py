@@ -1,6 +1,7 @@
 """INTL (intl.py): IterNorm, the trace loss and the INTL objective against NumPy re-derivations and analytic
 values, the spectrum diagnostics, the recipe pinned to its source, the training step against a hand
 computation, and the script end to end. Needs only intl.py, common.py and conftest.py beside it."""
+import json
 import math
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import intl
-from conftest import (check_end_to_end, check_learns_offline, check_signal_resume, conv_and_linear_weights,
-                      first_training_step, folder_run, probe_loss_numpy, so_numpy)
+from conftest import (beside, check_end_to_end, check_learns_offline, check_signal_resume, conv_and_linear_weights,
+                      first_training_step, folder_run, probe_loss_numpy, run_script, so_numpy, write_image_folder)
 
 
 def iter_norm_numpy(z, iters, axis):
@@ -185,3 +186,123 @@ def test_a_run_stopped_by_a_signal_mid_epoch_resumes_to_the_same_weights(tmp_pat
 @pytest.mark.slow
 def test_the_offline_check_learns(tmp_path):
     check_learns_offline("intl", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond CIFAR: the ImageNet-100 and ImageNet recipes, multi-crop and the EMA target (intl_m)
+# ----------------------------------------------------------------------------------------------
+# winci-ai/INTL 0aa69af: scripts/in100.sh and scripts/ep800_multi-crop_ema.sh with cfg.py's defaults (bs 256,
+# wd 1e-5, warmup_eps 2, emb and projection_size 8192, m 0.996); main.py: SGD 0.9, no decay where param.ndim == 1;
+# src/model.py: zero_init for every arch but resnet18
+PINNED_IMAGENET = {
+    "imagenet100": dict(dataset="folder", arch="resnet18", zero_init_residual=False, epochs=400, batch_size=128,
+                        optimizer="sgd-norms-excluded", base_lr=0.5, weight_decay=2.5e-5, warmup_epochs=2,
+                        final_lr_ratio=0.001, augmentations="asymmetric", proj_hidden_dim=4096, proj_dim=8192,
+                        ema=False, iters=4, axis=0, beta=None),
+    "imagenet": dict(dataset="folder", arch="resnet50", zero_init_residual=True, epochs=800, batch_size=256,
+                     optimizer="sgd-norms-excluded", base_lr=0.3, weight_decay=1e-5, warmup_epochs=2,
+                     final_lr_ratio=0.001, augmentations="multicrop", proj_hidden_dim=8192, proj_dim=8192, ema=True,
+                     ema_base=0.996, iters=4, axis=0, beta=None),
+}
+
+
+@pytest.mark.parametrize("recipe", PINNED_IMAGENET)
+def test_the_imagenet_recipes_are_pinned_to_their_sources(recipe):
+    args = intl.parse_args(["--recipe", recipe, "--data-dir", "IMAGENET", "--device", "cpu"])
+    assert {name: getattr(args, name) for name in PINNED_IMAGENET[recipe]} == PINNED_IMAGENET[recipe]
+    assert args.eval_every == args.epochs // 10
+
+
+def test_multi_view_loss_pairs_every_view_with_view_0_or_with_the_ema_target_as_the_authors_code():
+    """methods/intl.py: each view i >= 1 against view 0, both with gradient, trace beta (TL_i + TL_0), the sum over
+    pairs divided by their number; methods/intl_m.py: each online view against the whitened target, beta TL_i,
+    divided by the number of online views. A NumPy re-derivation of both, and two views without a target is
+    intl_loss."""
+    rng = np.random.default_rng(0)
+    n, d, views = 16, 24, 4
+    zs = [rng.normal(size=(n, d)) for _ in range(views)]
+    target = rng.normal(size=(n, d))
+    beta = 0.01 * (math.log2(n) - 3)
+    whitened = [iter_norm_numpy(z, 4, 0) for z in zs]
+    cosine = lambda a, b: np.mean(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))  # noqa
+    pairs = [2 - 2 * cosine(w, whitened[0]) + beta * (trace_loss_numpy(w, 0) + trace_loss_numpy(whitened[0], 0))
+             for w in whitened[1:]]
+    loss, terms = intl.multi_view_intl_loss([torch.from_numpy(z) for z in zs])
+    assert loss.item() == pytest.approx(sum(pairs) / (views - 1), rel=1e-9)
+    assert terms["alignment"].item() == pytest.approx(np.mean([2 - 2 * cosine(w, whitened[0]) for w in whitened[1:]]))
+    t = iter_norm_numpy(target, 4, 0)
+    expected = np.mean([2 - 2 * cosine(w, t) + beta * trace_loss_numpy(w, 0) for w in whitened])
+    loss, _ = intl.multi_view_intl_loss([torch.from_numpy(z) for z in zs], z_target=torch.from_numpy(target))
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    two = [torch.from_numpy(z) for z in zs[:2]]
+    assert intl.multi_view_intl_loss(two)[0].item() == pytest.approx(intl.intl_loss(*two)[0].item(), rel=1e-12)
+    online = [torch.from_numpy(z).requires_grad_() for z in zs]  # the target gets no gradient, the online views do
+    z_target = torch.from_numpy(target).requires_grad_()
+    intl.multi_view_intl_loss(online, z_target=z_target.detach())[0].backward()
+    assert all(z.grad.abs().sum() > 0 for z in online) and z_target.grad is None
+
+
+def test_the_ema_momentum_rises_from_its_base_to_one_and_the_update_interpolates():
+    """main.py: m = 1 - 0.5 (1 + cos(pi k / K)) (1 - cfg.m), k counting optimiser steps."""
+    assert intl.ema_momentum(0, 1000) == pytest.approx(0.996)
+    assert intl.ema_momentum(500, 1000) == pytest.approx(0.998)
+    assert intl.ema_momentum(1000, 1000) == pytest.approx(1.0)
+    assert intl.ema_momentum(250, 1000, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+    online, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in target.parameters()]
+    intl.ema_update(target, online, 0.75)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t.detach(), 0.75 * b + 0.25 * o.detach())
+
+
+def multi_crop_folder(tmp_path):
+    return write_image_folder(str(tmp_path / "data64"), classes=2, train_per_class=16, test_per_class=4, size=64)
+
+
+def test_a_multi_crop_ema_step_backpropagates_the_mean_over_the_online_crops_against_the_whitened_target(
+        tmp_path, monkeypatch):
+    """--augmentations multicrop at 64 px: 6 crops of 64, 64, 55, 46, 37 and 27 px (the authors' 224, 192, ... scaled);
+    with --ema view 0 goes through the target only, the five others through the online network."""
+    monkeypatch.chdir(tmp_path)
+    argv = folder_run(multi_crop_folder(tmp_path), "--epochs", "1", "--batch-size", "16", "--augmentations",
+                      "multicrop", "--ema", "--proj-hidden-dim", "32", "--proj-dim", "24")
+    step = first_training_step(intl, argv)
+    model, (views, labels) = step.model, step.batch
+    assert [tuple(x.shape[-2:]) for x in views] == [(64, 64), (64, 64), (55, 55), (46, 46), (37, 37), (27, 27)]
+    with torch.no_grad():
+        hs = [model["backbone"](x) for x in views[1:]]
+        zs = [model["projector"](h).double().numpy() for h in hs]
+        target = model["target"]["projector"](model["target"]["backbone"](views[0])).double().numpy()
+    t = iter_norm_numpy(target, 4, 0)
+    beta = 0.01 * (math.log2(16) - 3)
+    cosine = lambda a, b: np.mean(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))  # noqa
+    whitened = [iter_norm_numpy(z, 4, 0) for z in zs]
+    intl_term = np.mean([2 - 2 * cosine(w, t) + beta * trace_loss_numpy(w, 0) for w in whitened])
+    expected = intl_term + probe_loss_numpy(model["online_probe"], (hs[0], hs[1]), labels)
+    assert step.loss == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_multi_crop_runs_end_to_end_with_either_pairing_and_the_target_moves_by_ema_only(tmp_path, ema):
+    data = multi_crop_folder(tmp_path)
+    flags = ["--batch-size", "16", "--augmentations", "multicrop", "--run-name", "multi"] + ["--ema"] * ema
+    result = run_script("intl.py", *folder_run(data, *flags), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    if beside("tensor_pipeline"):  # auto: the tensor pipeline makes two views of one size, and says so
+        assert "--augmentations multicrop asks for 6 views; the tensor pipeline makes two of one size" in result.stdout
+    records = [json.loads(line) for line in open(tmp_path / "runs" / "multi" / "metrics.jsonl")]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in train)
+    assert [r.get("ema_m") is not None for r in train] == [ema] * 4
+    if ema:
+        assert [r["ema_m"] for r in train] == pytest.approx([intl.ema_momentum(k, 4) for k in range(4)])
+        model = torch.load(tmp_path / "runs" / "multi" / "checkpoint.pt", weights_only=True)["model"]
+        assert {k for k in model if k.startswith("target.")} == \
+            {"target." + k for k in model if k.startswith(("backbone.", "projector."))}
+        assert not torch.equal(model["target.backbone.0.weight"], model["backbone.0.weight"])
+
+
+def test_a_multi_crop_ema_run_stopped_by_a_signal_mid_epoch_resumes_to_the_same_weights(tmp_path, monkeypatch,
+                                                                                        tiny_folder):
+    check_signal_resume(intl, tmp_path, monkeypatch, tiny_folder, "pil", "0", "none", "SIGINT", "--augmentations",
+                        "multicrop", "--ema")

@@ -88,10 +88,10 @@ def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_com
     (no hidden default), and the infrastructure flags are exactly add_common_args's."""
     module = method_module(method)
     source = open(os.path.join(HERE, f"{method}.py")).read()
-    call = source[source.index("add_recipe_args(parser,"):source.index(")", source.index("add_recipe_args(parser,"))]
     recipe = ("epochs", "batch_size", "optimizer", "base_lr", "weight_decay", "warmup_epochs", "final_lr_ratio",
-              "augmentations")
-    assert all(f"{name}=" in call for name in recipe)
+              "augmentations", "probe_lr")
+    first, *others = module.RECIPES.values()
+    assert set(first) == set(recipe) and "add_recipe_args(parser, RECIPES)" in source
     assert "add_argument(\"--dataset\"" not in source and source.count("add_common_args(parser)") == 1
     common_parser = argparse.ArgumentParser()
     common.add_common_args(common_parser)
@@ -106,6 +106,11 @@ def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_com
     with mock.patch.object(argparse.ArgumentParser, "parse_args", capture):
         module.parse_args(["--dataset", "cifar10", "--device", "cpu"])
     assert shared | set(recipe) <= parser_dests
+    for other in others:  # every value of every recipe is a flag's (a misspelt one would be silently unused)
+        assert set(other) <= parser_dests, set(other) - parser_dests
+        name = next(k for k, v in module.RECIPES.items() if v is other)
+        args = module.parse_args(["--recipe", name, "--device", "cpu"])
+        assert {k: getattr(args, k) for k in other} == other
 
 
 NOT_NUMBERS = {"data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
@@ -202,8 +207,8 @@ def test_ci_runs_the_readme_test_command_on_the_newest_allowed_releases():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_eval_linear_rebuilds_a_run_from_its_checkpoint_or_its_backbone_and_a_random_init_baseline(eval_linear,
-                                                                                                     tiny_run, tmp_path):
+def test_eval_linear_rebuilds_a_run_from_its_checkpoint_or_its_backbone_and_a_random_init_baseline(
+        eval_linear, tiny_run, tmp_path):
     run = tiny_run("simclr")
     run_dir = shutil.copytree(run.run_dir, tmp_path / "tiny")  # the session's run folder stays as the run left it
     last = [r for r in run.records if r["type"] == "eval"][-1]
@@ -269,6 +274,29 @@ def test_intl_probe_learns_separable_raw_features_and_uses_its_settings(eval_lin
         top1, top5 = eval_linear.intl_linear_probe(train * 7 + 3, train_labels, test * 7 + 3, test_labels, 4, epochs=40)
     assert (top1, top5) == (100.0, 100.0) and seen == dict(lr=1e-2, weight_decay=5e-6)
 
+
+
+def test_intls_imagenet_linear_protocol_steps_its_lr_at_60_and_80_and_starts_its_fc_as_its_evaluate(
+        eval_linear, tiny_run, tmp_path):
+    """winci-ai/INTL 0aa69af evaluate.py: fc N(0, 0.01) with zero bias, SGD 0.9, lr 0.4 x batch / 256, MultiStepLR
+    [60, 80] gamma 0.1 over 100 epochs, weight decay 0 (1e-5 before e1d75d7)."""
+    assert [eval_linear.step_lr(e, 100, 0.4) for e in (0, 59, 60, 79, 80, 99)] == \
+        pytest.approx([0.4, 0.4, 0.04, 0.04, 0.004, 0.004])
+    assert [eval_linear.step_lr(e, 10, 1.0) for e in (5, 6, 8)] == pytest.approx([1.0, 0.1, 0.01])
+    assert eval_linear.PROTOCOLS["intl-imagenet"] == dict(epochs=100, batch_size=256, lr=0.4, weight_decay=0.0)
+    run_dir = shutil.copytree(tiny_run("intl").run_dir, tmp_path / "tiny")
+    args = eval_linear.parse_args(["--checkpoint", str(run_dir / "checkpoint.pt"), "--protocol", "intl-imagenet",
+                                   "--epochs", "2", "--batch-size", "64", "--num-workers", "0", "--device", "cpu"])
+    seen = []
+    real_sgd, real_normal = torch.optim.SGD, torch.nn.init.normal_
+    with mock.patch.object(eval_linear.torch.optim, "SGD", lambda params, **kw: seen.append(kw) or real_sgd(
+            params, **kw)), mock.patch.object(eval_linear.nn.init, "normal_", lambda w, std: seen.append(std) or
+                                              real_normal(w, std=std)):
+        eval_linear.main(args)
+    assert seen == [0.01, dict(lr=0.4 * 64 / 256, momentum=0.9, weight_decay=0.0)]
+    results = json.load(open(run_dir / "linear_eval_intl-imagenet.json"))
+    assert results["protocol"] == "intl-imagenet" and results["weight_decay"] == 0.0
+    assert 0 <= results["linear_top1"] <= results["linear_top5"] <= 100
 
 # ----------------------------------------------------------------------------------------------
 # spectrum.py
@@ -469,12 +497,19 @@ def test_reproduce_stopped_by_sigterm_stops_its_runs_with_checkpoints_and_tables
 
 def test_reproduce_puts_the_published_number_beside_ours_only_at_the_same_budget():
     reproduce = method_module("reproduce")
-    row = dict(name="byol-s0", method="byol", epochs=200, batch=512, seconds=300.0, images_per_s=9000.0,
+    row = dict(name="byol-s0", method="byol", recipe="cifar", epochs=200, batch=512, seconds=300.0, images_per_s=9000.0,
                knn_best=85.2, knn_last=85.0, online_last=80.1, knn5_euclidean_last=84.0, linear_last=86.0)
     line = reproduce.table([row]).splitlines()[-1]
     assert "| 85.2 / 85.0 | 80.1 | 86.0 | 86.8 (weighted kNN, best epoch; ours 85.2) — lightly" in line
     assert reproduce.table([{**row, "batch": 256}]).splitlines()[-1].endswith("| — |")      # another budget
     line = reproduce.table([{**row, "method": "intl", "epochs": 1000, "batch": 256}]).splitlines()[-1]
     assert "90.03 (INTL 5-NN (Euclidean); ours 84.0)" in line
+    imagenet100 = {**row, "recipe": "imagenet100", "epochs": 400, "batch": 256}
+    assert "| 79.76 (online probe; ours 80.1) — solo-learn fca55e3 README, ImageNet-100" in \
+        reproduce.table([imagenet100]).splitlines()[-1]
+    assert reproduce.table([{**imagenet100, "recipe": "cifar"}]).splitlines()[-1].endswith("| — |")  # another setting
+    imagenet = {**row, "method": "intl", "recipe": "imagenet", "epochs": 800, "batch": 256}
+    line = reproduce.table([imagenet]).splitlines()[-1]
+    assert "76.6 (linear (INTL's ImageNet protocol); ours not in this table)" in line
     name, argv = reproduce.run_command("byol --ortho so", 3, reproduce.parse_args(["--epochs", "5", "--out", "x"]))
     assert name == "byol-ortho-so-s3" and argv[-2:] == ["--ortho", "so"] and "--seed" in argv

@@ -70,6 +70,18 @@ def test_the_recipe_is_pinned_to_its_source():
     assert {name: getattr(args, name) for name in PINNED_RECIPE} == PINNED_RECIPE
 
 
+# solo-learn fca55e3 bash_files/pretrain/imagenet-100/simclr.sh (the first run; batch 128 x 2 GPUs), solo/args defaults
+PINNED_IMAGENET100 = dict(dataset="folder", arch="resnet18", epochs=400, batch_size=256, optimizer="lars", base_lr=0.3,
+                          weight_decay=1e-4, warmup_epochs=10, final_lr_ratio=0.0, augmentations="symmetric",
+                          probe_lr=0.3, temperature=0.2, proj_hidden_dim=2048, proj_dim=128)
+
+
+def test_the_imagenet100_recipe_is_pinned_to_its_source():
+    """At 224 px the recipe's views are solo-learn's ImageNet-100 ones too (blur and solarisation by view)."""
+    args = simclr.parse_args(["--recipe", "imagenet100", "--data-dir", "IN100", "--device", "cpu"])
+    assert {name: getattr(args, name) for name in PINNED_IMAGENET100} == PINNED_IMAGENET100
+
+
 def test_the_offline_check_trains_the_convnet_without_blur_and_flags_still_win():
     """Blur erases the synthetic textures at 32 px (RESULTS.md §12); the CIFAR recipe keeps solo-learn's 0.5."""
     args = simclr.parse_args(["--dataset", "synthetic"])

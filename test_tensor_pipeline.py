@@ -167,7 +167,7 @@ def test_every_random_draw_of_both_views_has_its_range_sign_and_probability(reci
     lies in the recipe's scale, and a view without blur or solarisation draws none."""
     n = 20_000
     for settings in common.recipe_settings(recipe, 32):
-        view = tensor_pipeline.BatchedView(32, (0.5,) * 3, (0.25,) * 3, **settings)
+        view = tensor_pipeline.BatchedView(mean=(0.5,) * 3, std=(0.25,) * 3, **settings)
         draws = view.sample(n, 32, 32, torch.Generator().manual_seed(0))
         full = {**dict(jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0, flip_p=0.5, crop_scale=(0.08, 1.0),
                        brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1), **settings}
@@ -197,7 +197,7 @@ def test_every_random_draw_of_both_views_has_its_range_sign_and_probability(reci
 
 def test_batched_views_give_every_image_its_own_draws_and_keep_the_shape():
     image = (random_images(1) * 255).to(torch.uint8)
-    view1, view2 = (tensor_pipeline.BatchedView(32, (0.5,) * 3, (0.25,) * 3, **settings)
+    view1, view2 = (tensor_pipeline.BatchedView(mean=(0.5,) * 3, std=(0.25,) * 3, **settings)
                     for settings in common.recipe_settings("symmetric", 32))
     generator = torch.Generator().manual_seed(0)
     batch = image.expand(8, 3, 32, 32)
@@ -236,7 +236,7 @@ def test_blur_p_reaches_the_views_of_both_pipelines():
             else:
                 views = loader.dataset.dataset.transform
                 blurs = [[t.p for t in view.transforms if isinstance(t, common.T.RandomApply) and
-                          isinstance(t.transforms[0], common.T.GaussianBlur)] for view in (views.view1, views.view2)]
+                          isinstance(t.transforms[0], common.T.GaussianBlur)] for view in views.transforms]
                 assert blurs == ([[0.5], [0.5]] if expected else [[], []])
 
 
@@ -252,7 +252,7 @@ def test_overlap_augments_one_batch_ahead_and_yields_the_same_batches():
             calls.append(1)
             return super().__call__(*args, **kwargs)
 
-    view1, view2 = (CountedView(16, (0.5,) * 3, (0.25,) * 3, **settings)
+    view1, view2 = (CountedView(mean=(0.5,) * 3, std=(0.25,) * 3, **settings)
                     for settings in common.recipe_settings("vicreg", 16))
     loaders = [tensor_pipeline.TensorTwoViewLoader(images, labels, view1, view2, 8, torch.device("cpu"), overlap=o)
                for o in (False, True)]
@@ -382,3 +382,32 @@ def test_tensor_pipeline_learns_as_well_as_the_pil_pipeline(tmp_path, monkeypatc
                                    "--pipeline", pipeline, "--run-name", pipeline]))
         knn[pipeline] = [json.loads(line) for line in open(f"runs/{pipeline}/metrics.jsonl")][-1]["knn_top1"]
     assert min(knn.values()) > 35 and abs(knn["tensor"] - knn["pil"]) < 8, knn
+
+
+def test_more_than_two_views_or_two_sizes_are_the_pil_pipelines_with_one_line(capsys):
+    """The tensor pipeline makes two views of one size: multi-crop falls back to PIL under auto, and is one line,
+    exit 2, under --pipeline tensor."""
+    pytest.importorskip("synthetic", reason="synthetic.py is not beside common.py")
+    source = common.dataset_source("synthetic", "unused", synthetic_size=64)
+    assert tensor_pipeline.build_data(source, "auto", "multicrop", 16, torch.device("cpu")) is None
+    assert "--augmentations multicrop asks for 6 views; the tensor pipeline makes two of one size; using the PIL" \
+        in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        tensor_pipeline.build_data(source, "tensor", "multicrop", 16, torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().endswith("; use --pipeline pil") and err.count("\n") == 1
+
+
+def test_the_tensor_eval_loader_resizes_to_256_and_crops_224_like_the_pil_transform(tmp_path):
+    for split in ("train", "test"):
+        os.makedirs(tmp_path / split / "c0")
+        for i in range(2):
+            pixels = np.random.default_rng(i).integers(0, 256, (230, 260, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / "c0" / f"{i}.png")
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(tmp_path / "test" / "c0" / f"{i}.png"))
+                                        for i in range(2)])).permute(0, 3, 1, 2)
+    loader = tensor_pipeline.TensorEvalLoader(images, torch.zeros(2), 224, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"))
+    x, _ = next(iter(loader))
+    clean = common.eval_transform(224, (0.5,) * 3, (0.25,) * 3)
+    expected = torch.stack([clean(Image.open(tmp_path / "test" / "c0" / f"{i}.png")) for i in range(2)])
+    assert x.shape == (2, 3, 224, 224) and (x - expected).abs().max() < 1.1 / 255 / 0.25  # PIL rounds to uint8
