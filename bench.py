@@ -4,6 +4,7 @@
 Usage:
     python bench.py speed --dataset synthetic --synthetic-size 50000        # images/s of each method, CPU or GPU
     python bench.py speed --methods intl --arch resnet18 --batch-size 512 --precision bf16 --compile
+    python bench.py speed --skip pil data flops --deterministic            # the cost of --deterministic
     python bench.py ortho --arch resnet18 --batch-size 256                  # share of --ortho so/srip in a step
 speed measures, per method: (a) the tensor pipeline alone (uint8 batch -> two augmented views),
 (b) the method's own training step (its main(), unchanged) on ready tensors, (c) end to end
@@ -29,7 +30,8 @@ import intl
 import simclr
 import vicreg
 from common import Bounded, OrthogonalityRegularizer, atomic_write, autocast, build_backbone, build_data, \
-    build_optimizer, optimizer_step, parse_or_die, positive_int, projection_mlp, resolve_device, resolve_precision
+    build_optimizer, optimizer_step, parse_or_die, positive_int, projection_mlp, resolve_device, resolve_precision, \
+    seed_everything
 from simclr import nt_xent_loss
 
 METHODS = {"simclr": simclr, "byol": byol, "vicreg": vicreg, "intl": intl}
@@ -58,6 +60,8 @@ def parse_args(argv=None):
                         default=None, metavar="MODE", help="speed: torch.compile the backbones, as the method flag")
     parser.add_argument("--overlap", action="store_true",
                         help="speed: augment the next batch while the step runs, as the method flag")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="speed: deterministic kernels only, as the method flag (its cost)")
     parser.add_argument("--num-workers", type=Bounded(int, ge=0), default=min(8, torch.get_num_threads()),
                         help="speed: DataLoader workers of the PIL pipeline (default: %(default)s)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -173,7 +177,8 @@ def method_args(module, args, run_dir, pipeline):
          str(args.synthetic_size), "--arch", args.arch, "--batch-size", str(args.batch_size), "--epochs", "1",
          "--precision", args.precision, "--device", args.device, "--num-workers", str(args.num_workers), "--pipeline",
          pipeline, "--log-every", "1000000", "--out-dir", run_dir, "--run-name", f"{module.METHOD}-{pipeline}"]
-        + (["--compile", args.compile] if args.compile else []) + (["--overlap"] if args.overlap else []))
+        + (["--compile", args.compile] if args.compile else []) + (["--overlap"] if args.overlap else [])
+        + (["--deterministic"] if args.deterministic else []))
     margs.blur_p = reference.blur_p  # the recipe's blur, also on the synthetic set (whose offline check has none)
     return margs
 
@@ -228,9 +233,10 @@ def profile_summary(module, margs, data, steps, device, rows=8):
 
 def bench_speed(args):
     device = torch.device(args.device)
+    seed_everything(0, args.deterministic)  # before any GPU work, which reads the cuBLAS workspace setting
     results = {**hardware(device), "arch": args.arch, "batch_size": args.batch_size, "precision": args.precision,
-               "compile": args.compile, "overlap": args.overlap, "dataset": args.dataset,
-               "num_workers": args.num_workers, "methods": {}}
+               "compile": args.compile, "overlap": args.overlap, "deterministic": args.deterministic,
+               "dataset": args.dataset, "num_workers": args.num_workers, "methods": {}}
     for name in args.methods:
         module, row = METHODS[name], {}
         with tempfile.TemporaryDirectory() as run_dir:
@@ -269,6 +275,7 @@ def print_speed(results):
     where = results["gpu"] or f"{results['cpu']} CPU, {results['threads']} threads"
     compiled = f", --compile {results['compile']}" if results["compile"] else ""
     compiled += ", --overlap" if results.get("overlap") else ""
+    compiled += ", --deterministic" if results.get("deterministic") else ""
     print(f"{results['arch']}, batch {results['batch_size']}, {results['precision']}{compiled}, {results['dataset']}, "
           f"on {where} (commit {results['commit']})")
     print(f"images/s (each image two views); PIL pipeline with {results['num_workers']} DataLoader workers")

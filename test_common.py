@@ -618,6 +618,21 @@ def test_compile_takes_a_mode_and_compiles_only_the_backbones_in_it(monkeypatch,
         assert compiled == expected
 
 
+def test_deterministic_takes_deterministic_kernels_and_without_it_the_fast_ones(monkeypatch):
+    """--deterministic (bit-exact GPU resumes): deterministic algorithms (an op without one warns), cuDNN's
+    benchmark off, cuBLAS's workspace setting; without it, as by default, cuDNN picks its fastest kernels."""
+    assert parse([]).deterministic is False and parse(["--deterministic"]).deterministic is True
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored as it was after the test
+    try:
+        common.seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.benchmark is False and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        common.seed_everything(0)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark is True
+
+
 @pytest.mark.slow
 def test_compiled_run_trains_like_the_eager_one(simclr, tmp_path, monkeypatch):
     """--compile (about a minute of compilation on a CPU): same state dict names, so checkpoints load

@@ -1,9 +1,10 @@
 """The scripts: the method files' shared anatomy and flags, eval_linear.py, spectrum.py, bench.py, reproduce.py,
-synthetic.py, the two-file copy and the CI command, each run as a user runs it."""
+synthetic.py, smoke.py and gpu_check.sh, the two-file copy and the CI command, each run as a user runs it."""
 import argparse
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -513,3 +514,164 @@ def test_reproduce_puts_the_published_number_beside_ours_only_at_the_same_budget
     assert "76.6 (linear (INTL's ImageNet protocol); ours not in this table)" in line
     name, argv = reproduce.run_command("byol --ortho so", 3, reproduce.parse_args(["--epochs", "5", "--out", "x"]))
     assert name == "byol-ortho-so-s3" and argv[-2:] == ["--ortho", "so"] and "--seed" in argv
+
+
+# ----------------------------------------------------------------------------------------------
+# smoke.py and gpu_check.sh: every GPU path first, then speed and the results table
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def smoke():
+    return method_module("smoke")
+
+
+def test_smoke_covers_every_method_pipeline_mode_and_precision_compile_first(smoke):
+    paths, skipped = smoke.smoke_paths(METHOD_NAMES)
+    for method in METHOD_NAMES:
+        for pipeline in ("tensor", "pil"):
+            for mode in ("plain", "overlap", "compile"):
+                path = f"{method}/{pipeline}/bf16/{mode}"
+                assert path in (skipped if (pipeline, mode) == ("pil", "overlap") else paths)
+        assert skipped[f"{method}/pil/bf16/overlap"] == "--overlap applies to the tensor pipeline only"
+        assert {f"{method}/tensor/{precision}/plain" for precision in ("fp32", "fp16")} <= set(paths)
+        assert {f"{method}/tensor/bf16/resume", f"{method}/tensor/bf16/resume-deterministic"} <= set(paths)
+    assert len(paths) == 4 * 9 and len(skipped) == 4 and len(set(paths)) == len(paths)
+    assert all(path.endswith("/compile") for path in paths[:8])  # compiling is slowest: it starts first
+    assert set(paths) | set(skipped) == set(smoke.all_paths(METHOD_NAMES))
+    paths, _ = smoke.smoke_paths(METHOD_NAMES, ["plain", "overlap", "resume"])  # gpu_check.sh's rerun of these
+    assert len(paths) == 8 and all(path.endswith("/compile") for path in paths)
+    paths, skipped = smoke.smoke_paths(["byol"], ["compile", "resume"], device="cpu")
+    assert paths == ["byol/tensor/bf16/plain", "byol/tensor/bf16/overlap", "byol/pil/bf16/plain",
+                     "byol/tensor/fp32/plain"]
+    assert skipped["byol/tensor/fp16/plain"] == "--precision fp16 needs a GPU"
+    assert skipped["byol/tensor/bf16/resume-deterministic"] == "left out by --skip compile resume"
+
+
+def test_smoke_summary_has_one_line_per_path_as_each_ends(smoke, tmp_path, monkeypatch):
+    """`ok PATH SECONDS s[: detail]`, `failed PATH: last error line` (its log's end in smoke_failures.txt),
+    `skipped PATH: why`, in the paths' order; exit 1 when one failed. No path starts once the budget is spent."""
+    def check(path, args, data_dir, deadline):
+        if path == "simclr/tensor/bf16/plain":
+            raise smoke.Failed("RuntimeError: CUDA error: an illegal memory access was encountered")
+        return "bit-exact (9 tensors)" if path.endswith("deterministic") else ""
+
+    monkeypatch.setattr(smoke, "check", check)
+    out = tmp_path / "smoke"
+    with pytest.raises(SystemExit) as exit_info:
+        smoke.main(smoke.parse_args(["--out", str(out), "--methods", "simclr", "--device", "cpu", "--images", "40",
+                                     "--batch-size", "8"]))
+    assert exit_info.value.code == 1
+    lines = open(out / "smoke.txt").read().splitlines()
+    assert lines[0].startswith("# smoke of every GPU path: cpu, resnet18, 40 images, batch 8;")
+    assert [line.split()[1].rstrip(":") for line in lines[1:]] == smoke.all_paths(["simclr"])
+    assert lines[1] == "failed simclr/tensor/bf16/plain: RuntimeError: CUDA error: an illegal memory access was " \
+                       "encountered"
+    assert re.fullmatch(r"ok simclr/tensor/bf16/overlap \d+\.\d s", lines[2])
+    assert re.fullmatch(r"ok simclr/tensor/bf16/resume-deterministic \d+\.\d s: bit-exact \(9 tensors\)", lines[9])
+    assert lines[5] == "skipped simclr/pil/bf16/overlap: --overlap applies to the tensor pipeline only"
+    assert lines[8] == "skipped simclr/tensor/fp16/plain: --precision fp16 needs a GPU"
+    assert open(out / "smoke_failures.txt").read().startswith(f"== {lines[1]}\n(not started)")  # no log: no run
+    assert len(os.listdir(out / "data" / "train")) == 10 and len(os.listdir(out / "data" / "test" / "class0")) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        smoke.main(smoke.parse_args(["--out", str(tmp_path / "late"), "--methods", "intl", "--budget", "5"]))
+    lines = open(tmp_path / "late" / "smoke.txt").read().splitlines()
+    assert exit_info.value.code == 1 and lines[1] == ("failed intl/tensor/bf16/plain: not started, the 5 s budget "
+                                                      "was spent (raise --budget or --parallel)")
+
+
+def ended(pid, wait=5.0):
+    """Whether process `pid` ends within `wait` seconds (a zombie has ended, until its new parent reaps it)."""
+    for _ in range(int(wait * 10)):
+        try:
+            if "State:\tZ" in open(f"/proc/{pid}/status").read():
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_smoke_step_fails_with_its_last_error_line_and_a_time_limit_ends_its_process_group(smoke, tmp_path):
+    log = tmp_path / "step.log"
+    crash = "import sys; print('epoch 1/1 step 1/5'); sys.exit('error: out of memory on cuda; resume')"
+    with pytest.raises(smoke.Failed, match=r"^error: out of memory on cuda; resume$"):
+        smoke.run_step([sys.executable, "-c", crash], log, time.monotonic() + 60)
+    smoke.run_step([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"], log,
+                   time.monotonic() + 60, expect=-signal.SIGTERM)
+    hang = ("import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import time; "
+            "time.sleep(60)']); print(worker.pid); print('started', flush=True); time.sleep(60)")
+    with pytest.raises(smoke.Failed, match=r"^timed out after 2 s; last line: started$"):
+        smoke.run_step([sys.executable, "-c", hang], log, time.monotonic() + 2)
+    assert ended(open(log).read().splitlines()[-2])  # the worker it started too
+    assert smoke.last_error_line("Traceback (most recent call last):\n  File x\nRuntimeError: boom\nwarning: x\n") \
+        == "RuntimeError: boom"
+    assert open(log).read().startswith(f"$ {sys.executable} -c ")
+
+
+def test_smoke_stopped_by_sigterm_ends_the_runs_it_started(smoke, tmp_path):
+    """A time limit on smoke.py (timeout's SIGTERM) must not leave its runs, in their own sessions, on the GPU."""
+    code = ("import sys, smoke\n"
+            "def check(path, args, data_dir, deadline):\n"
+            "    log = f\"{args.out}/logs/{path.replace('/', '-')}.log\"\n"
+            "    sleep = 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'\n"
+            "    smoke.run_step([sys.executable, '-c', sleep], log, deadline)\n"
+            "smoke.check = check\n"
+            "smoke.main(smoke.parse_args(['--out', 'out', '--methods', 'simclr', '--device', 'cpu', '--parallel', '2']))")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE})
+    logs = [tmp_path / "out" / "logs" / f"simclr-{pipeline}-bf16-compile.log" for pipeline in ("tensor", "pil")]
+    for _ in range(300):
+        if all(log.exists() and len(log.read_text().splitlines()) == 2 for log in logs):
+            break
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=30) == 143
+    assert all(ended(log.read_text().splitlines()[1]) for log in logs)
+
+
+def test_smoke_and_gpu_check_refuse_bad_input_in_one_line(smoke, tmp_path, capsys):
+    for argv, expected in ((["--skip", "compil"], "--skip compil: not a part of a path"),
+                           (["--images", "64"], "--images 64 makes fewer than 2 steps of --batch-size 64")):
+        with pytest.raises(SystemExit) as exit_info:
+            smoke.parse_args(argv + ["--device", "cpu", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "STAGES": "smoke speed"}
+    result = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == "error: STAGES: no stage speed (smoke, bench, reproduce)\n"
+    assert not (tmp_path / "out").exists()  # nothing started
+    if not os.path.exists(os.path.join(HERE, ".gpu")):  # a checkout with the data would start the stage
+        result = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], env={**env, "STAGES": "reproduce"},
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith("error: no .gpu/cifar10.tar.gz: cp ../shared")
+
+
+def test_bench_deterministic_lever_runs_the_methods_with_deterministic(tmp_path, capsys):
+    bench, simclr = method_module("bench"), method_module("simclr")
+    args = bench.parse_args(["speed", "--device", "cpu", "--deterministic"])
+    assert bench.method_args(simclr, args, str(tmp_path), "tensor").deterministic
+    assert not bench.method_args(simclr, bench.parse_args(["speed", "--device", "cpu"]), str(tmp_path),
+                                 "tensor").deterministic
+    bench.print_speed({**bench.hardware(torch.device("cpu")), "arch": "convnet", "batch_size": 8, "precision": "fp32",
+                       "compile": None, "overlap": False, "deterministic": True, "dataset": "synthetic",
+                       "num_workers": 0, "methods": {}})
+    assert capsys.readouterr().out.startswith("convnet, batch 8, fp32, --deterministic, synthetic, on ")
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_in_its_cpu_form_has_one_ok_line_per_path(smoke, tmp_path):
+    """gpu_check.sh's first stage as the CPU runs it (the convnet; the compile paths left out, fp16 needs a GPU): every
+    other path ok, the deterministic resumes bit-exact, and $OUT holds what the device tool returns."""
+    out = tmp_path / "out"
+    env = {**os.environ, "STAGES": "smoke", "DEVICE": "cpu", "ARCH": "convnet", "PARALLEL": "2", "OUT": str(out),
+           "WORK": str(tmp_path / "work"), "PYTHON": sys.executable, "SMOKE_BUDGET": "1500",
+           "SMOKE_ARGS": "--skip compile --images 128 --batch-size 32 --timeout 600"}
+    result = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh")], env=env, capture_output=True, text=True,
+                            timeout=1600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    paths, skipped = smoke.smoke_paths(METHOD_NAMES, ["compile"], "cpu")
+    lines = [line for line in open(out / "smoke.txt").read().splitlines() if not line.startswith("#")]
+    assert sorted(line.split()[1] for line in lines if line.startswith("ok ")) == sorted(paths), lines
+    assert len(lines) == len(paths) + len(skipped) and len(skipped) == 4 * 4  # pil x overlap, compile x 2, fp16
+    assert all(": SIGTERM at step 6, resumed: bit-exact (" in line for line in lines if "deterministic" in line)
+    assert sorted(os.listdir(out)) == ["details.tar.gz", "machine.txt", "smoke.txt"]
