@@ -583,7 +583,8 @@ def add_common_args(parser):
     add = parser.add_argument_group("run").add_argument
     add("--arch", choices=ARCHS, default="resnet18", help="backbone; convnet: 4 layers, for CPU checks (default: "
         "%(default)s)")
-    add("--zero-init-residual", action="store_true", help="the last BatchNorm of every residual block starts at 0")
+    add("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+        help="the last BatchNorm of every residual block starts at 0 (default: off)")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     add("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
         help="autocast dtype of the forward pass; losses stay fp32 (default: auto: bf16 on a GPU, else fp32)")

@@ -63,9 +63,9 @@ def parse_args(argv=None):
                         help="projector hidden width (default: %(default)s)")
     parser.add_argument("--proj-dim", type=positive_int, default=2048,
                         help="projector output width (default: %(default)s)")
-    parser.add_argument("--ema", action="store_true",
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=False,
                         help="the authors' intl_m: view 0 through an EMA target of backbone and projector only, every "
-                             "other view against it (default: off: every view i >= 1 against view 0)")
+                             "other view against it; --no-ema: every view i >= 1 against view 0 (default: off)")
     parser.add_argument("--ema-base", type=Bounded(float, ge=0, le=1), default=0.996,
                         help="EMA momentum at step 0, rising to 1 on a cosine (cfg.py --m) (default: %(default)s)")
     # The offline check (--dataset synthetic): the 4-layer convnet for 40 epochs (at 20, learning had often
