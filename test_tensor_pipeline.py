@@ -227,9 +227,10 @@ def test_blur_p_reaches_the_views_of_both_pipelines():
     pytest.importorskip("synthetic", reason="synthetic.py is not beside common.py")
     for pipeline in ("tensor", "pil"):
         for blur_p, expected in ((None, 0.5), (0.0, 0.0)):
-            args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=64, image_size=None,
-                                   augmentations="symmetric", batch_size=32, seed=0, device="cpu", num_workers=0,
-                                   pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=blur_p)
+            args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=64,
+                                   image_size=None, augmentations="symmetric", batch_size=32, seed=0, device="cpu",
+                                   num_workers=0, pipeline=pipeline, skip_bad_images=False, overlap=False,
+                                   blur_p=blur_p)
             loader = common.build_data(args).train_loader
             if pipeline == "tensor":
                 assert loader.view1.blur_p == loader.view2.blur_p == expected
@@ -285,9 +286,9 @@ def test_overlap_run_trains_to_the_same_losses(tmp_path):
 def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path):
     """Same dataset both ways: the same number of batches, same labels, and the evaluation images
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
-    args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
-                           augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
+    args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=600,
+                           image_size=None, augmentations="asymmetric", batch_size=128, seed=0, device="cpu",
+                           num_workers=0, pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
@@ -308,9 +309,9 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
             for i in range(3):
                 pixels = np.random.default_rng(i + 10 * c).integers(0, 256, (40, 40, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
-    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
-                           augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
+    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), eval_data_dir=None, synthetic_size=0,
+                           image_size=32, augmentations="asymmetric", batch_size=2, seed=0, device="cpu",
+                           num_workers=0, pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)
