@@ -536,8 +536,7 @@ def add_common_args(parser):
     """The infrastructure flags every method shares: data, device, precision, logging, run folder, resume, --ortho."""
     add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=DATASETS, default="cifar10", help="cifar10/cifar100/stl10 download into --data-dir; "
-        "folder: DATA_DIR/{train,test or val}/<class>/* or images at any depth; synthetic: offline (default: "
-        "%(default)s)")
+        "folder: DATA_DIR/{train,test or val}/<class>/* or any images; synthetic: offline (default: %(default)s)")
     add("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
     add("--eval-data-dir", help="folder: DIR/{train,test}/<class>/* to evaluate a --data-dir of unlabelled images on")
     add("--synthetic-size", type=Bounded(int, ge=10), default=5000,

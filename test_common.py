@@ -28,7 +28,7 @@ from PIL import Image
 
 import common
 from conftest import (HERE, TINY_RUN, beside, folder_run, method_module, run_script, run_signalled, separable_features,
-                      signal_after, so_numpy, write_unlabelled_tree)
+                      signal_after, so_numpy, write_image_folder, write_unlabelled_tree)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,42 @@ def test_the_cifar_stem_gives_34_px_maps_like_solo_learn_and_intl(arch):
     net.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
     net.eval()(torch.randn(1, 3, 32, 32))
     assert shapes == [(1, 64, 34, 34)] and net.conv1.padding == (2, 2)
+
+
+def readme_block(heading):
+    """The first indented code block under a README heading, dedented."""
+    lines = open(os.path.join(HERE, "README.md")).read().split(f"\n{heading}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    return "\n".join(line[4:] for line in lines[start:end])
+
+
+def test_the_readme_loads_backbone_pt_and_checkpoint_pt_into_torchvision_with_the_runs_features(tmp_path,
+                                                                                                monkeypatch):
+    """README, The backbone elsewhere, run as it is on a ResNet-18 run at 16 px (the CIFAR stem): torchvision's
+    resnet18 gives build_backbone's features from backbone.pt, and from checkpoint.pt (here changed, so that the two
+    files differ) the checkpoint's."""
+    simclr = method_module("simclr")
+    write_image_folder(str(tmp_path / "data"), classes=2, train_per_class=8, test_per_class=4, size=16)
+    monkeypatch.chdir(tmp_path)
+    simclr.main(simclr.parse_args(folder_run(tmp_path / "data", "--arch", "resnet18", "--batch-size", "8", "--epochs",
+                                             "1", "--warmup-epochs", "0", "--run-name", "NAME")))
+    checkpoint = torch.load("runs/NAME/checkpoint.pt", weights_only=True)
+    for key, value in checkpoint["model"].items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            value.add_(0.01)
+    torch.save(checkpoint, "runs/NAME/checkpoint.pt")
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    namespace = {"images": images}
+    with torch.no_grad():
+        exec(readme_block("## The backbone elsewhere"), namespace)
+        for weights, features in ((torch.load("runs/NAME/backbone.pt", weights_only=True), namespace["features"]),
+                                  ({k[9:]: v for k, v in checkpoint["model"].items() if k.startswith("backbone.")},
+                                   namespace["backbone"](images))):
+            run_backbone, dim = common.build_backbone("resnet18", 16)
+            run_backbone.load_state_dict(weights)
+            assert features.shape == (4, dim) == (4, 512) and torch.equal(features, run_backbone.eval()(images))
+        assert not torch.allclose(namespace["features"], namespace["backbone"](images))
 
 
 def test_projection_mlp_layout():
@@ -773,7 +809,8 @@ def test_without_tensorboard_a_run_says_so_in_one_line_and_writes_metrics_jsonl_
                      torch.device("cpu"))
     for step in (1, 2):
         run.train_step(0, step, {"loss": torch.tensor(1.0)}, lr=0.1)
-    assert capsys.readouterr().out.count("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard") == 1
+    out = capsys.readouterr().out
+    assert out.count("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard for event files)") == 1
     assert sorted(os.listdir(tmp_path)) == ["args.json", "metrics.jsonl"]
 
 

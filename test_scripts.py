@@ -108,7 +108,7 @@ def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_com
     assert shared | set(recipe) <= parser_dests
 
 
-NOT_NUMBERS = {"data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
+NOT_NUMBERS = {"data_dir", "eval_data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
 
 
 @pytest.mark.parametrize("script", ["simclr", "byol", "vicreg", "intl", "eval_linear"])
