@@ -642,6 +642,15 @@ def test_a_folder_without_train_is_its_images_at_any_depth_unlabelled_and_bad_fo
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
         assert err.startswith(f"error: {message}"), err
+    bad = max(paths, key=lambda path: path.count(os.sep))  # an unreadable image at depth 3: one line, or left out
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    common.UNREADABLE.clear()
+    with pytest.raises(SystemExit):
+        common.image_folder(str(tmp_path / "photos"), "pretrain", None, skip_bad=False)
+    assert f"1 unreadable image in {tmp_path / 'photos'}: {bad}; fix or delete it" in capsys.readouterr().err
+    kept = common.image_folder(str(tmp_path / "photos"), "pretrain", None, skip_bad=True)
+    assert [path for path, _ in kept.samples] == [path for path in paths if path != bad] and len(kept.targets) == 63
 
 
 def rankme_and_std_numpy(features):
