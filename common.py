@@ -451,17 +451,20 @@ def embedding_stats(z):
 
 
 def evaluate(model, data, device, linear=False):
-    """On clean features: weighted kNN (k=200), 5-NN (cosine, and INTL's Euclidean), the online
-    probe's accuracy (when the model has one), collapse diagnostics of the representation and the
-    projector output, the mean orthogonality error of the regularised layers (the backbone's when the
-    model has no regularizer), and optionally the fast linear probe."""
+    """On clean features: weighted kNN (k=200), 5-NN (cosine, and INTL's Euclidean), the online probe's accuracy
+    (when the model has one, trained on labels), collapse diagnostics of the representation and the projector output,
+    the mean orthogonality error of the regularised layers (the backbone's when the model has no regularizer), and
+    optionally the fast linear probe. Without labelled images (eval_test_loader None) the diagnostics alone."""
     train_features, train_labels = extract_features(model["backbone"], data.eval_train_loader, device)
-    test_features, test_labels = extract_features(model["backbone"], data.eval_test_loader, device)
-    knn = lambda **kw: accuracy(knn_predict(  # noqa: E731
-        train_features, train_labels, test_features, data.num_classes, **kw), test_labels)
-    results = {"knn_top1": knn(k=200, temperature=0.1), "knn5_top1": knn(k=5, weighted=False),
-               "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean")}
-    if "online_probe" in model:
+    results, labelled = {}, data.eval_test_loader is not None
+    if labelled:
+        test_features, test_labels = extract_features(model["backbone"], data.eval_test_loader, device)
+        knn = lambda **kw: accuracy(knn_predict(  # noqa: E731
+            train_features, train_labels, test_features, data.num_classes, **kw), test_labels)
+        results = {"knn_top1": knn(k=200, temperature=0.1), "knn5_top1": knn(k=5, weighted=False),
+                   "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean"),
+                   "eval_train_images": len(train_features)}  # what kNN and the probes learn from
+    if labelled and "online_probe" in model and data.pretrain_labels:  # it trains on the pretraining images' labels
         with torch.no_grad():
             top5 = model["online_probe"](test_features).topk(min(5, data.num_classes), dim=1).indices
         results["online_top1"] = accuracy(top5[:, 0], test_labels)
@@ -472,13 +475,12 @@ def evaluate(model, data, device, linear=False):
     with torch.no_grad():  # projector output of the cached clean features, (n, D)
         z = torch.cat([projector.eval()(h).float() for h in features.split(4096)])
     projector.train(was_training)
-    results["eval_train_images"] = len(train_features)
     for name, values in (("rep", features), ("proj", z)):
         stats = embedding_stats(values)
         results[f"{name}_erank"], results[f"{name}_std"] = stats["erank"], stats["std"]
     layers = model["ortho"].layers if "ortho" in model else model["backbone"]
     results["ortho_error"] = orthogonality_error(layers)
-    if linear:
+    if linear and labelled:
         results["linear_top1"], results["linear_top5"] = linear_probe(
             train_features, train_labels, test_features, test_labels, data.num_classes)
     return results
@@ -568,8 +570,9 @@ def add_common_args(parser):
     """The infrastructure flags every method shares: data, device, precision, logging, run folder, resume, --ortho."""
     add = parser.add_argument_group("data").add_argument
     add("--dataset", choices=DATASETS, default="cifar10", help="cifar10/cifar100/stl10 download into --data-dir; "
-        "folder: DATA_DIR/{train,test or val}/<class>/*; synthetic: generated offline (default: %(default)s)")
+        "folder: DATA_DIR/{train,test or val}/<class>/* or any images; synthetic: offline (default: %(default)s)")
     add("--data-dir", default="./data", help="where datasets are read or downloaded (default: %(default)s)")
+    add("--eval-data-dir", help="folder: DIR/{train,test}/<class>/* to evaluate a --data-dir of unlabelled images on")
     add("--synthetic-size", type=Bounded(int, ge=10), default=5000,
         help="training images of --dataset synthetic; the test set is a fifth (default: %(default)s)")
     add("--image-size", type=Bounded(int, ge=8),
@@ -773,19 +776,26 @@ def left_out(bad, root, skip_bad):
     return set(bad)
 
 
+class UnlabelledFolder(torchvision.datasets.ImageFolder):
+    """Every image under root, at any depth, with label -1 (one pseudo-class: root itself)."""
+    find_classes = staticmethod(lambda root: ([], {"": -1}))
+
+
 def image_folder(data_dir, split, transform, skip_bad=None):
-    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test. With skip_bad True or
-    False every image is decoded once (in DataLoader workers for large folders), and unreadable ones stop the
-    run or are left out; None only lists the files."""
+    """ImageFolder at DATA_DIR/train for pretrain/train, DATA_DIR/test (or val) for test; without DATA_DIR/train, its
+    images at any depth, label -1 and no classes, for every split. With skip_bad True or False every image is decoded
+    once (in DataLoader workers for large folders), and unreadable ones stop the run or are left out; None: listed."""
     subs = ["train"] if split != "test" else ["test", "val"]
-    path = next((os.path.join(data_dir, sub) for sub in subs if os.path.isdir(os.path.join(data_dir, sub))), None)
+    unlabelled = os.path.isdir(data_dir) and not os.path.isdir(os.path.join(data_dir, "train"))
+    path = data_dir if unlabelled else next((os.path.join(data_dir, sub) for sub in subs
+                                             if os.path.isdir(os.path.join(data_dir, sub))), None)
     if path is None:
         die(f"no image folder at {os.path.join(os.path.abspath(data_dir), ' or '.join(subs))}: --dataset folder "
             f"expects DATA_DIR/train/<class>/*.jpg and DATA_DIR/test (or val)/<class>/*.jpg; set --data-dir")
     try:
-        dataset = torchvision.datasets.ImageFolder(path, transform=transform)
+        dataset = (UnlabelledFolder if unlabelled else torchvision.datasets.ImageFolder)(path, transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
-        die(f"{path} holds no images in class folders ({exc}); expected {path}/<class>/<image>.jpg")
+        die(f"{path} holds no images ({exc}); expected {path}/{'**' if unlabelled else '<class>'}/<image>.jpg")
     if skip_bad is not None:
         key = (path, len(dataset.samples))
         if key not in UNREADABLE:  # an own generator: the run's random stream is left alone
@@ -808,11 +818,17 @@ def first_image_size(dataset):
     die(f"no readable image in {dataset.root}")
 
 
-def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip_bad_images=False):
-    """How to get a dataset: make(split, transform), a Dataset of split pretrain, train or test; the normalising
-    mean and std; the crop size (image_size, else the dataset's: a folder's first image's shorter side, 224 above
-    96 px); name, data_dir and skip_bad_images (for tensor_pipeline.py)."""
+def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip_bad_images=False, eval_data_dir=None):
+    """How to get a dataset: make(split, transform), a Dataset of split pretrain, train or test (train and test from
+    eval_data_dir when given); the normalising mean and std; the crop size (image_size, else the dataset's: a folder's
+    first image's shorter side, 224 above 96 px); name, data_dir, eval_dir, skip_bad_images (for tensor_pipeline.py)."""
     mean, std = NORMALIZATION.get(dataset, (None, None))
+    labelled = dataset != "folder" or os.path.isdir(os.path.join(data_dir, "train"))
+    if eval_data_dir and (labelled or not os.path.isdir(os.path.join(eval_data_dir, "train"))):
+        die("--eval-data-dir DIR (DIR/train/<class>/*, DIR/test/<class>/*) evaluates a folder of unlabelled images")
+    if not labelled:  # README: Your own images
+        print(f"data: {data_dir} has no train/: its images at any depth, unlabelled; no online probe; kNN and linear "
+              f"probe {'on ' + eval_data_dir if eval_data_dir else 'need labelled images (--eval-data-dir): skipped'}")
     if dataset == "synthetic":
         try:
             import synthetic
@@ -822,13 +838,14 @@ def dataset_source(dataset, data_dir, image_size=None, synthetic_size=5000, skip
         mean, std = synthetic.normalization(splits["train"][0])
         make = lambda split, transform: synthetic.ArrayImageDataset(*splits[split], transform)  # noqa: E731
     elif dataset == "folder":
-        side = image_size or min(first_image_size(image_folder(data_dir, "train", None)))
+        side = image_size or min(first_image_size(image_folder(data_dir, "pretrain", None)))
         image_size = side if side <= 96 else 224
-        make = lambda split, transform: image_folder(data_dir, split, transform, skip_bad_images)  # noqa: E731
+        make = lambda split, transform: image_folder(  # noqa: E731
+            data_dir if split == "pretrain" else eval_data_dir or data_dir, split, transform, skip_bad_images)
     else:
         make = lambda split, transform: torchvision_split(dataset, data_dir, split, transform)  # noqa: E731
-    return SimpleNamespace(name=dataset, data_dir=data_dir, make=make, mean=mean, std=std,
-                           image_size=image_size or NATIVE_SIZE.get(dataset), skip_bad_images=skip_bad_images)
+    return SimpleNamespace(name=dataset, data_dir=data_dir, eval_dir=eval_data_dir or data_dir, make=make, mean=mean,
+                           std=std, image_size=image_size or NATIVE_SIZE.get(dataset), skip_bad_images=skip_bad_images)
 
 
 def loader_kwargs(num_workers, device):
@@ -837,11 +854,11 @@ def loader_kwargs(num_workers, device):
 
 
 # What build_data returns. A method's loop reads train_loader only: any iterable with len() that yields ((x1, x2),
-# labels), two views (B, 3, H, W), works, a plain DataLoader included (with a `generator`, set_data_epoch makes
-# resume exact). The eval loaders yield clean (images, labels) in order. image_size (the crop size) and pipeline
-# ("tensor" or "pil") are what was chosen, stored with the run so that a resume rebuilds the same.
+# labels), two views (B, 3, H, W), works, a plain DataLoader included (with a `generator`, set_data_epoch makes resume
+# exact). The eval loaders yield clean (images, labels) in order; eval_test_loader None: no labelled images. image_size
+# (the crop size) and pipeline ("tensor" or "pil") are what was chosen, stored with the run for a resume to rebuild.
 Data = collections.namedtuple("Data", "train_loader eval_train_loader eval_test_loader num_classes image_size mean std "
-                                      "pipeline")
+                                      "pipeline pretrain_labels")  # pretrain_labels: the online probe's, if any
 
 
 def build_data(args, rank=0, world_size=1):
@@ -849,7 +866,8 @@ def build_data(args, rank=0, world_size=1):
     pipeline (tensor_pipeline.py) when it is beside this file and the dataset fits in memory, else torchvision's
     PIL transforms in DataLoader workers. Reads args, changes nothing. Under torchrun the pretraining loader yields
     process `rank`'s share of every global batch, with the views one process gives that share."""
-    source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size, args.skip_bad_images)
+    source = dataset_source(args.dataset, args.data_dir, args.image_size, args.synthetic_size, args.skip_bad_images,
+                            args.eval_data_dir)
     if args.pipeline != "pil":
         try:
             import tensor_pipeline
@@ -878,8 +896,9 @@ def build_data(args, rank=0, world_size=1):
         generator=generator, **loader_kwargs(args.num_workers, args.device))
     eval_loader = lambda dataset: torch.utils.data.DataLoader(  # noqa: E731  own generator: evaluation
         dataset, batch_size=512, generator=torch.Generator(), **loader_kwargs(args.num_workers, args.device))
-    return Data(train_loader, eval_loader(train_set), eval_loader(test_set), num_classes, source.image_size,
-                source.mean, source.std, "pil")
+    return Data(train_loader, eval_loader(train_set), eval_loader(test_set) if test_set.classes else None,
+                num_classes or 1, source.image_size, source.mean, source.std, "pil",  # 1: no labels
+                bool(pretrain_set.classes))
 
 
 class GlobalBatches(torch.utils.data.Sampler):
@@ -1036,7 +1055,12 @@ class Run:
         self.scaler, self.data, self.device, self.saved = scaler, data, device, None  # saved: (epoch, step)
         self.steps_per_epoch = len(data.train_loader) if data is not None else 1
         self.total_steps, self.metrics = args.epochs * self.steps_per_epoch, os.path.join(run_dir, "metrics.jsonl")
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.window_start, self.window_steps, self.events = time.perf_counter(), 0, None
+        try:  # every number of metrics.jsonl in TensorBoard's event files too (tensorboard --logdir runs)
+            from torch.utils.tensorboard import SummaryWriter
+            self.events = SummaryWriter(run_dir) if is_main else None
+        except ImportError:
+            print("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard for event files)")
         if is_main and not args.resume:
             atomic_write(os.path.join(run_dir, "args.json"), "w",
                          lambda f: json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2))
@@ -1048,6 +1072,10 @@ class Run:
                     f.write(json.dumps(record) + "\n")
             except OSError as exc:
                 write_failed(self.metrics, exc)
+        if self.events:  # TensorBoard: tag type/key at the record's step
+            for key in (key for key in record if key not in ("type", "step")):
+                self.events.add_scalar(f"{record['type']}/{key}", record[key], record["step"])
+            self.events.flush()
 
     def log_due(self, global_step):
         """Whether train_step(global_step) logs: every --log-every steps and at the last step."""
@@ -1117,11 +1145,12 @@ class Run:
                 self.evaluation(epoch, global_step, results)
         if last and self.is_main:
             with open(self.metrics) as f:
-                before = next((r for r in map(json.loads, f) if r["type"] == "eval" and r["epoch"] == 0), None)
-            untrained = f"{before['knn_top1']:.1f}% untrained -> " if before else ""
+                before = next((r for r in map(json.loads, f) if r["type"] == "eval" and r["epoch"] == 0), {})
+            untrained = f"{before['knn_top1']:.1f}% untrained -> " if "knn_top1" in before else ""
             checkpoint = os.path.relpath(os.path.join(self.run_dir, "checkpoint.pt"))
-            print(f"kNN top-1 (weighted, k=200, clean test images): {untrained}{results['knn_top1']:.1f}% after "
-                  f"{self.args.epochs} epochs; linear probe (fast, cached features) {results['linear_top1']:.1f}%\n"
+            print((f"kNN top-1 (weighted, k=200, clean test images): {untrained}{results['knn_top1']:.1f}% after "
+                   f"{self.args.epochs} epochs; linear probe (fast, cached features) {results['linear_top1']:.1f}%\n"
+                   if "knn_top1" in results else "") +
                   f"done: {self.run_dir}/checkpoint.pt, backbone.pt, metrics.jsonl\nnext: `python eval_linear.py "
                   f"--checkpoint {checkpoint}` (linear probes, README: Evaluation), `python spectrum.py {checkpoint}` "
                   f"(the spectra), `python {self.args.method}.py --dataset cifar10` (the full recipe, a GPU), or "

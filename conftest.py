@@ -56,6 +56,22 @@ def write_image_folder(root, classes=4, train_per_class=32, test_per_class=8, si
     return root
 
 
+def write_unlabelled_tree(root, count=64, size=32, seed=1):
+    """count images at depths 0 to 3 under root (root/*.png, root/a1/*.jpg, root/a1/b0/c1/*.png...), no class
+    folders, and a file that is not an image (notes.txt). Returns the images' paths, sorted as os.walk would list
+    them (torchvision's order)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        folder = os.path.join(root, *[f"{'abc'[level]}{(i >> level) % 2}" for level in range(i % 4)])
+        os.makedirs(folder, exist_ok=True)
+        paths.append(os.path.join(folder, f"{i:03d}.{'png' if i % 3 else 'jpg'}"))
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1], quality=95)
+    with open(os.path.join(root, "notes.txt"), "w") as f:
+        f.write("not an image")
+    return sorted(paths, key=lambda path: (os.path.dirname(path), os.path.basename(path)))
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A 4-class ImageFolder tree of 128 training and 32 test images, 32 px."""
@@ -93,7 +109,10 @@ def check_end_to_end(run, base_lr, logged_terms):
     the warm-up and peak lr (base lr x 32 / 256), evaluations at epochs 0 (untrained), 1 and 2 with the
     linear probe last, what --pipeline auto chose stored, and the before/after line."""
     files = sorted(os.listdir(run.run_dir))
-    assert files == ["args.json", "backbone.pt", "checkpoint.pt", "metrics.jsonl"], files
+    events = [name for name in files if name.startswith("events.out.tfevents.")]  # TensorBoard's, when installed
+    assert [name for name in files if name not in events] == ["args.json", "backbone.pt", "checkpoint.pt",
+                                                               "metrics.jsonl"], files
+    assert len(events) == beside("tensorboard"), files
     train = [r for r in run.records if r["type"] == "train"]
     evals = [r for r in run.records if r["type"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, 9))             # 128 // 32 = 4 steps x 2 epochs

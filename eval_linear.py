@@ -154,7 +154,7 @@ def main(args):
     weights, run_args = load_backbone(args.checkpoint)
     run = SimpleNamespace(**{**run_args, "device": args.device, "num_workers": args.num_workers})
     run.dataset = args.dataset or run.dataset
-    run.data_dir = args.data_dir or run.data_dir
+    run.data_dir = args.data_dir or getattr(run, "eval_data_dir", None) or run.data_dir  # unlabelled: its labelled one
     source = dataset_source(run.dataset, run.data_dir, run.image_size, run.synthetic_size, args.skip_bad_images)
     backbone, feature_dim = build_backbone(run.arch, source.image_size)
     if not args.random_init:
@@ -167,6 +167,8 @@ def main(args):
     clean = eval_transform(source.image_size, source.mean, source.std)
     train_set, test_set = source.make("train", clean), source.make("test", clean)
     num_classes = len(train_set.classes)
+    if not num_classes:  # a folder of unlabelled images (README: Your own images)
+        die(f"{run.data_dir} holds no labelled images to probe with; pass --data-dir DIR with DIR/{{train,test}}/<class>/*")
     loader = lambda dataset, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         dataset, batch_size=args.batch_size if shuffle else 512, shuffle=shuffle,
         **loader_kwargs(run.num_workers, run.device))

@@ -313,16 +313,17 @@ class TensorEvalLoader:
 
 
 def folder_arrays(data_dir, split, skip_bad=False):
-    """A folder split decoded once into uint8 (N, H, W, 3), cached as an .npz beside the data (or in
-    ~/.cache when the data is read-only) and reused while its files are unchanged. Unreadable images
-    end the run in one line listing them, or with skip_bad are left out. Returns (images, labels,
-    classes), or a string saying why it stays on disk."""
+    """A folder split (common.image_folder: a folder without train/ is its images at any depth, label -1, no
+    classes) decoded once into uint8 (N, H, W, 3), cached as an .npz in DATA_DIR/.cache (or in ~/.cache when
+    the data is read-only) and reused while its files are unchanged. Unreadable images end the run in one
+    line listing them, or with skip_bad are left out. Returns (images, labels, classes), or a string saying
+    why it stays on disk."""
     dataset = image_folder(data_dir, split, None)
     stats = [(path, os.stat(path)) for path, _ in dataset.samples]
     fingerprint = hashlib.sha1("\n".join(f"{path} {st.st_size} {st.st_mtime_ns}" for path,
                                          st in stats).encode()).hexdigest()
     name = f"{os.path.basename(dataset.root)}-uint8-{fingerprint[:16]}.npz"
-    beside = os.path.join(os.path.dirname(os.path.abspath(dataset.root)), ".cache")
+    beside = os.path.join(os.path.abspath(data_dir), ".cache")
     elsewhere = os.path.join(os.path.expanduser("~/.cache/ssl-spectrum"),
                              hashlib.sha1(os.path.abspath(dataset.root).encode()).hexdigest()[:16])
     for folder in (beside, elsewhere):
@@ -371,9 +372,9 @@ def checked(images, labels, bad, dataset, skip_bad):
 
 def split_arrays(source, split):
     """One split of common.dataset_source(...) as (uint8 images (N, H, W, 3), labels, classes), or a
-    string saying why it cannot be held in memory."""
+    string saying why it cannot be held in memory. A folder's train and test splits are its eval_dir's."""
     if source.name == "folder":
-        return folder_arrays(source.data_dir, "test" if split == "test" else "train", source.skip_bad_images)
+        return folder_arrays(source.data_dir if split == "pretrain" else source.eval_dir, split, source.skip_bad_images)
     dataset = source.make(split, None)
     if source.name == "synthetic":
         return dataset.images, dataset.labels, dataset.classes
@@ -398,7 +399,10 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
         return None
     splits = {}
     for split in ("train", "test", "pretrain"):  # pretrain is the train split, except STL-10's (train + unlabeled)
-        same = split == "pretrain" and source.name != "stl10"
+        same = split == "pretrain" and source.name != "stl10" and source.eval_dir == source.data_dir  # --eval-data-dir
+        if split == "test" and not splits["train"][2]:  # evaluation images without labels: no kNN, no probes
+            splits[split] = None
+            continue
         splits[split] = splits["train"] if same else split_arrays(source, split)
         if isinstance(splits[split], str) and pipeline == "tensor":
             die(f"--pipeline tensor needs the dataset in memory, but {splits[split]}; use --pipeline pil")
@@ -408,11 +412,11 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
     if len(splits["pretrain"][0]) < batch_size:
         die(f"--batch-size {batch_size} is larger than the {len(splits['pretrain'][0])} training images")
     moved = {}  # one device copy per distinct array: pretrain and train are usually the same images
-    for images, labels, _ in splits.values():
+    for images, labels, _ in filter(None, splits.values()):
         if id(images) not in moved:
             moved[id(images)] = (torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device),
                                  torch.as_tensor(labels))
-    on_device = {split: moved[id(images)] for split, (images, _, _) in splits.items()}
+    on_device = {split: moved[id(arrays[0])] for split, arrays in splits.items() if arrays}
     view1, view2 = (BatchedView(mean=mean, std=std, **view) for view in views)
     train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size,
                                        overlap)
@@ -425,5 +429,5 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
     print(
         f"data: tensor pipeline, {len(train_loader.images)} training images as uint8 on {device} ({megabytes:.0f} MB)"
     )
-    return Data(train_loader, eval_loader("train"), eval_loader("test"), len(splits["train"][2]), size, mean, std,
-                "tensor")
+    return Data(train_loader, eval_loader("train"), eval_loader("test") if splits["test"] else None,
+                len(splits["train"][2]) or 1, size, mean, std, "tensor", bool(splits["pretrain"][2]))  # 1: no labels

@@ -27,7 +27,8 @@ import torch.nn as nn
 from PIL import Image
 
 import common
-from conftest import HERE, TINY_RUN, method_module, run_script, separable_features, signal_after, so_numpy
+from conftest import (HERE, TINY_RUN, beside, folder_run, method_module, run_script, run_signalled, separable_features,
+                      signal_after, so_numpy, write_image_folder, write_unlabelled_tree)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,42 @@ def test_the_cifar_stem_gives_34_px_maps_like_solo_learn_and_intl(arch):
     net.conv1.register_forward_hook(lambda module, inputs, output: shapes.append(tuple(output.shape)))
     net.eval()(torch.randn(1, 3, 32, 32))
     assert shapes == [(1, 64, 34, 34)] and net.conv1.padding == (2, 2)
+
+
+def readme_block(heading):
+    """The first indented code block under a README heading, dedented."""
+    lines = open(os.path.join(HERE, "README.md")).read().split(f"\n{heading}\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
+    return "\n".join(line[4:] for line in lines[start:end])
+
+
+def test_the_readme_loads_backbone_pt_and_checkpoint_pt_into_torchvision_with_the_runs_features(tmp_path,
+                                                                                                monkeypatch):
+    """README, The backbone elsewhere, run as it is on a ResNet-18 run at 16 px (the CIFAR stem): torchvision's
+    resnet18 gives build_backbone's features from backbone.pt, and from checkpoint.pt (here changed, so that the two
+    files differ) the checkpoint's."""
+    simclr = method_module("simclr")
+    write_image_folder(str(tmp_path / "data"), classes=2, train_per_class=8, test_per_class=4, size=16)
+    monkeypatch.chdir(tmp_path)
+    simclr.main(simclr.parse_args(folder_run(tmp_path / "data", "--arch", "resnet18", "--batch-size", "8", "--epochs",
+                                             "1", "--warmup-epochs", "0", "--run-name", "NAME")))
+    checkpoint = torch.load("runs/NAME/checkpoint.pt", weights_only=True)
+    for key, value in checkpoint["model"].items():
+        if key.startswith("backbone.") and value.is_floating_point():
+            value.add_(0.01)
+    torch.save(checkpoint, "runs/NAME/checkpoint.pt")
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    namespace = {"images": images}
+    with torch.no_grad():
+        exec(readme_block("## The backbone elsewhere"), namespace)
+        for weights, features in ((torch.load("runs/NAME/backbone.pt", weights_only=True), namespace["features"]),
+                                  ({k[9:]: v for k, v in checkpoint["model"].items() if k.startswith("backbone.")},
+                                   namespace["backbone"](images))):
+            run_backbone, dim = common.build_backbone("resnet18", 16)
+            run_backbone.load_state_dict(weights)
+            assert features.shape == (4, dim) == (4, 512) and torch.equal(features, run_backbone.eval()(images))
+        assert not torch.allclose(namespace["features"], namespace["backbone"](images))
 
 
 def test_projection_mlp_layout():
@@ -385,7 +422,7 @@ def test_the_shared_recipe_constants_are_pinned_to_their_sources():
     record = lambda *a, **kw: calls.append(kw) or torch.zeros(4, dtype=torch.long)  # noqa: E731
     batch = [(torch.randn(4, 4), torch.zeros(4, dtype=torch.long))]
     with mock.patch.object(common, "knn_predict", record):
-        data = SimpleNamespace(eval_train_loader=batch, eval_test_loader=batch, num_classes=2)
+        data = SimpleNamespace(eval_train_loader=batch, eval_test_loader=batch, num_classes=2, pretrain_labels=True)
         common.evaluate(nn.ModuleDict({"backbone": nn.Linear(4, 4), "projector": nn.Linear(4, 3),
                                        "online_probe": nn.Linear(4, 2)}), data, torch.device("cpu"))
     assert calls == [dict(k=200, temperature=0.1), dict(k=5, weighted=False),
@@ -676,6 +713,112 @@ def test_folder_dataset_reads_imagefolder_layout(tmp_path):
     assert len(test) == 6 and test.classes == ["cat", "dog"] and test[0][0].shape == (3, 40, 40)
 
 
+def test_a_folder_without_train_is_its_images_at_any_depth_unlabelled_and_bad_folders_end_in_one_line(tmp_path,
+                                                                                                      capsys):
+    """README, Your own images: every image under DIR (not notes.txt), label -1, no classes, for every split; an empty
+    DIR, or --eval-data-dir beside a labelled --data-dir or without train/, ends in one line, exit 2."""
+    paths = write_unlabelled_tree(str(tmp_path / "photos"))
+    for split in ("pretrain", "train", "test"):
+        dataset = common.image_folder(str(tmp_path / "photos"), split, None)
+        assert [path for path, _ in dataset.samples] == paths and dataset.targets == [-1] * 64 and dataset.classes == []
+    assert len({os.path.dirname(path).count(os.sep) for path in paths}) == 4  # depths 0 to 3
+    source = common.dataset_source("folder", str(tmp_path / "photos"))
+    assert source.image_size == 32 and source.eval_dir == str(tmp_path / "photos")
+    assert "photos has no train/: its images at any depth, unlabelled; no online probe; kNN and linear probe need " \
+           "labelled images (--eval-data-dir): skipped" in capsys.readouterr().out
+    image, label = source.make("pretrain", common.eval_transform(32, source.mean, source.std))[5]
+    pixels = (np.asarray(Image.open(paths[5]).convert("RGB")) / 255 - source.mean) / source.std  # (H, W, 3)
+    assert label == -1 and np.allclose(image.numpy(), pixels.transpose(2, 0, 1), atol=1e-6)
+    os.makedirs(tmp_path / "empty" / "deeper")
+    (tmp_path / "empty" / "deeper" / "notes.txt").write_text("no image")
+    labelled = tmp_path / "labelled"
+    os.makedirs(labelled / "train" / "c0")
+    for data_dir, eval_dir, message in ((tmp_path / "empty", None, f"{tmp_path / 'empty'} holds no images ("),
+                                        (labelled, tmp_path / "photos", "--eval-data-dir DIR (DIR/train/<class>/*"),
+                                        (tmp_path / "photos", tmp_path / "photos", "--eval-data-dir DIR (DIR/train/")):
+        with pytest.raises(SystemExit) as exit_info:
+            common.dataset_source("folder", str(data_dir), eval_data_dir=eval_dir and str(eval_dir)).make("train", None)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: {message}"), err
+    bad = max(paths, key=lambda path: path.count(os.sep))  # an unreadable image at depth 3: one line, or left out
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    common.UNREADABLE.clear()
+    with pytest.raises(SystemExit):
+        common.image_folder(str(tmp_path / "photos"), "pretrain", None, skip_bad=False)
+    assert f"1 unreadable image in {tmp_path / 'photos'}: {bad}; fix or delete it" in capsys.readouterr().err
+    kept = common.image_folder(str(tmp_path / "photos"), "pretrain", None, skip_bad=True)
+    assert [path for path, _ in kept.samples] == [path for path in paths if path != bad] and len(kept.targets) == 63
+
+
+def rankme_and_std_numpy(features):
+    """RankMe (exp of the entropy of the normalised singular values) and the std of the L2-normalised rows x sqrt(D)."""
+    singular = np.linalg.svd(features, compute_uv=False)
+    p = singular / singular.sum()
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    return np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), unit.std(axis=0, ddof=1).mean() * np.sqrt(features.shape[1])
+
+
+@pytest.mark.parametrize("pipeline", ["tensor", "pil"])
+def test_unlabelled_images_pretrain_and_evaluate_the_label_free_diagnostics_alone(pipeline, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """No kNN, no probes, one line saying so; rank and std of the clean images' features are the run's, restated in
+    NumPy from backbone.pt and the image files; the online probe's loss is 0 (no labels); the end of the run is said."""
+    if pipeline == "tensor" and not beside("tensor_pipeline"):
+        pytest.skip("tensor_pipeline.py is not beside common.py")
+    simclr = method_module("simclr")
+    paths = write_unlabelled_tree(str(tmp_path / "photos"))
+    monkeypatch.chdir(tmp_path)
+    simclr.main(simclr.parse_args(folder_run(tmp_path / "photos", "--batch-size", "16", "--pipeline", pipeline,
+                                             "--run-name", "own")))
+    out = capsys.readouterr().out
+    assert out.count("kNN and linear probe need labelled images (--eval-data-dir): skipped") == 1
+    assert "kNN top-1" not in out and "done: runs/own/checkpoint.pt, backbone.pt, metrics.jsonl" in out
+    records = [json.loads(line) for line in open("runs/own/metrics.jsonl")]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert all(set(r) == {"type", "epoch", "step", "rep_erank", "rep_std", "proj_erank", "proj_std", "ortho_error"}
+               for r in evals)
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9)) and all(r["probe"] == 0 for r in train)
+    backbone, _ = common.build_backbone("convnet", 32)
+    backbone.load_state_dict(torch.load("runs/own/backbone.pt", weights_only=True))
+    mean, std = common.NORMALIZATION["folder"]
+    pixels = np.stack([(np.asarray(Image.open(path).convert("RGB")) / 255 - mean) / std for path in paths])
+    with torch.no_grad():
+        features = backbone.eval()(torch.tensor(pixels.transpose(0, 3, 1, 2), dtype=torch.float32)).double().numpy()
+    erank, spread = rankme_and_std_numpy(features)
+    assert evals[-1]["rep_erank"] == pytest.approx(erank, rel=1e-4)
+    assert evals[-1]["rep_std"] == pytest.approx(spread, rel=1e-4)
+
+
+def test_unlabelled_images_evaluated_on_a_labelled_folder_and_resumed_bit_for_bit(tmp_path, monkeypatch, tiny_folder):
+    """--eval-data-dir: kNN and the linear probe on its train/ and test/ (eval_linear.py, reading the same folder from
+    the checkpoint, finds the same kNN), no online probe; SIGTERM mid-epoch, then --resume, ends with the weights of
+    a run never stopped."""
+    simclr = method_module("simclr")
+    write_unlabelled_tree(str(tmp_path / "photos"))
+    monkeypatch.chdir(tmp_path)
+    argv = folder_run(tmp_path / "photos", "--batch-size", "16", "--eval-data-dir", str(tiny_folder))
+    simclr.main(simclr.parse_args(argv + ["--run-name", "straight"]))
+    evals = [r for r in map(json.loads, open("runs/straight/metrics.jsonl")) if r["type"] == "eval"]
+    assert {"knn_top1", "knn5_top1", "knn5_euclidean_top1", "rep_erank"} <= set(evals[0]) and "linear_top1" in evals[-1]
+    assert not any("online_top1" in r for r in evals)
+    result = run_script("eval_linear.py", "--checkpoint", "runs/straight/checkpoint.pt", "--epochs", "1", "--device",
+                        "cpu", "--num-workers", "0", cwd=tmp_path)
+    assert result.returncode == 0 and "(128 train / 32 test)" in result.stdout, result.stderr
+    assert json.load(open("runs/straight/linear_eval.json"))["knn_top1"] == pytest.approx(evals[-1]["knn_top1"])
+    result = run_signalled("simclr", 6, "SIGTERM", argv + ["--run-name", "stopped"], cwd=tmp_path)
+    assert result.returncode == 143, result.stderr
+    simclr.main(simclr.parse_args(["--resume", "runs/stopped/checkpoint.pt"]))
+    straight, resumed = (torch.load(f"runs/{run}/checkpoint.pt", weights_only=True) for run in ("straight", "stopped"))
+    assert resumed["global_step"] == 8
+    assert all(torch.equal(resumed["model"][key], value) for key, value in straight["model"].items())
+    steps = [r["step"] for r in map(json.loads, open("runs/stopped/metrics.jsonl")) if r["type"] == "train"]
+    assert steps == list(range(1, 9))
+
+
 def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
     torch.manual_seed(0)
     model = nn.ModuleDict({"backbone": nn.Linear(4, 3), "projector": nn.Linear(3, 2)})
@@ -688,7 +831,7 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
     run = common.Run(args, str(tmp_path), True, model, optimizer, scaler, None, torch.device("cpu"))
     run.save(epoch=2, global_step=17)
     assert run.saved == (2, 17)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]       # the temporary file was renamed away
+    assert [name for name in os.listdir(tmp_path) if not name.startswith("events.")] == ["checkpoint.pt"]  # no .tmp
     expected_next_random = (torch.rand(3), np.random.rand(), random.random())
 
     fresh = nn.ModuleDict({"backbone": nn.Linear(4, 3), "projector": nn.Linear(3, 2)})
@@ -737,6 +880,46 @@ def test_images_per_second_is_windowed_and_leaves_out_evaluation_and_checkpoints
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["global_step"] == 3
     with pytest.raises(SystemExit):                                      # a NaN loss stops the run
         run.train_step(1, 6, {"loss": torch.tensor(float("nan"))}, lr=0.1)
+
+
+def test_tensorboard_event_files_hold_every_number_of_metrics_jsonl_at_its_step_a_resumed_run_too(simclr,
+                                                                                                   earlier_run,
+                                                                                                   tmp_path):
+    """A run stopped by SIGTERM after step 6 of 8, then resumed into its folder: its two event files, read back by
+    TensorBoard's own reader, hold `type/key` for every number of every metrics.jsonl record, at the record's step,
+    with its value (float32), in the order logged."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run_dir, _ = copy_of(earlier_run, tmp_path)
+    simclr.main(simclr.parse_args(["--resume", str(run_dir / "checkpoint.pt")]))
+    assert len([name for name in os.listdir(run_dir) if name.startswith("events.out.tfevents.")]) == 2
+    expected = {}
+    for record in map(json.loads, open(run_dir / "metrics.jsonl")):
+        for key, value in record.items():
+            if key not in ("type", "step"):
+                expected.setdefault(f"{record['type']}/{key}", []).append((record["step"], value))
+    assert {"train/loss", "train/lr", "eval/knn_top1", "eval/rep_erank", "eval/linear_top1"} <= set(expected)
+    reader = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.SCALARS: 0})
+    reader.Reload()
+    assert sorted(reader.Tags()["scalars"]) == sorted(expected)
+    for tag, points in expected.items():
+        logged = [(event.step, event.value) for event in reader.Scalars(tag)]
+        assert [step for step, _ in logged] == [step for step, _ in points], tag
+        np.testing.assert_allclose([v for _, v in logged], [v for _, v in points], rtol=1e-6, err_msg=tag)
+    assert [step for step, _ in expected["train/loss"]] == list(range(1, 9))
+
+
+def test_without_tensorboard_a_run_says_so_in_one_line_and_writes_metrics_jsonl_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails, as when it is not installed
+    args = SimpleNamespace(method="test", epochs=1, batch_size=10, log_every=1, eval_every=1, resume=None)
+    model = nn.ModuleDict({"backbone": nn.Linear(2, 2)})
+    run = common.Run(args, str(tmp_path), True, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     torch.amp.GradScaler("cpu", enabled=False), SimpleNamespace(train_loader=[None] * 2),
+                     torch.device("cpu"))
+    for step in (1, 2):
+        run.train_step(0, step, {"loss": torch.tensor(1.0)}, lr=0.1)
+    out = capsys.readouterr().out
+    assert out.count("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard for event files)") == 1
+    assert sorted(os.listdir(tmp_path)) == ["args.json", "metrics.jsonl"]
 
 
 def test_resume_keeps_stored_arguments_and_refuses_changed_ones(simclr, tmp_path, monkeypatch, capsys):

@@ -121,9 +121,9 @@ def test_local_gradient_without_the_gather_would_be_wrong():
 def test_each_process_gets_its_slice_of_the_global_batch_with_one_process_views(pipeline):
     """Process k of N gets exactly the images, labels and views one process gives the k-th slice of every
     global batch, epoch after epoch (the draws are made for the whole batch, or seeded per image)."""
-    args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=96, image_size=None,
-                           augmentations="vicreg", batch_size=32, seed=3, device="cpu", num_workers=0,
-                           pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=None)
+    args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=96,
+                           image_size=None, augmentations="vicreg", batch_size=32, seed=3, device="cpu",
+                           num_workers=0, pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=None)
     loaders = [common.build_data(args, rank, world_size).train_loader for rank, world_size in ((0, 1), (0, 2), (1, 2))]
     assert [len(loader) for loader in loaders] == [3, 3, 3]
     for epoch in (0, 1):

@@ -114,7 +114,7 @@ def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_com
         assert {k: getattr(args, k) for k in other} == other
 
 
-NOT_NUMBERS = {"data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
+NOT_NUMBERS = {"data_dir", "eval_data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
 
 
 @pytest.mark.parametrize("script", ["simclr", "byol", "vicreg", "intl", "eval_linear"])
@@ -373,6 +373,109 @@ def test_spectrum_covers_the_layers_a_run_regularised_the_predictor_included(spe
     assert list(spectra["weights"]) == [f"backbone.{i}" for i in (0, 3, 6, 9)] + \
         ["projector.0", "projector.3", "predictor.0", "predictor.3"]
     assert len(spectra["weights"]["predictor.3"]) == 256 and len(spectra["features"]["projector"]) == 256
+
+# ----------------------------------------------------------------------------------------------
+# plot.py: the curves of runs
+# ----------------------------------------------------------------------------------------------
+# Two runs' records as the method files write them: an INTL run with a line cut short by a crash and a step
+# logged again after its resume, and a VICReg run with other loss terms and no linear probe yet.
+INTL_RECORDS = [
+    {"type": "eval", "epoch": 0, "step": 0, "knn_top1": 20.0, "knn5_top1": 18.0, "knn5_euclidean_top1": 17.0,
+     "online_top1": 10.0, "online_top5": 50.0, "rep_erank": 30.0, "rep_std": 0.2, "proj_erank": 9.0, "proj_std": 0.1,
+     "ortho_error": 6.9},
+    {"type": "train", "epoch": 1, "step": 1, "loss": 3.0, "alignment": 1.5, "trace": 40.0, "z_erank": 4.0,
+     "zhat_erank": 90.0, "probe": 2.3, "lr": 0.1, "images_per_s": 50.0},
+    {"type": "train", "epoch": 1, "step": 2, "loss": 2.5, "alignment": 1.2, "trace": 35.0, "z_erank": 5.0,
+     "zhat_erank": 95.0, "probe": 2.2, "lr": 0.2, "images_per_s": 55.0},
+    {"type": "eval", "epoch": 1, "step": 2, "knn_top1": 30.0, "knn5_top1": 28.0, "knn5_euclidean_top1": 26.0,
+     "online_top1": 25.0, "online_top5": 70.0, "rep_erank": 40.0, "rep_std": 0.3, "proj_erank": 20.0, "proj_std": 0.2,
+     "ortho_error": 6.9, "linear_top1": 45.0, "linear_top5": 90.0},
+    {"type": "train", "epoch": 1, "step": 2, "loss": 2.4, "alignment": 1.1, "trace": 34.0, "z_erank": 6.0,
+     "zhat_erank": 96.0, "probe": 2.1, "lr": 0.2, "images_per_s": 52.0},  # step 2 again, after a resume
+]
+VICREG_RECORDS = [
+    {"type": "eval", "epoch": 0, "step": 0, "knn_top1": 21.0, "rep_erank": 31.0, "proj_erank": 8.0},
+    {"type": "train", "epoch": 1, "step": 1, "loss": 24.0, "invariance": 0.5, "variance": 0.9, "covariance": 0.0,
+     "probe": 2.3, "lr": 0.1, "images_per_s": 40.0},
+    {"type": "eval", "epoch": 1, "step": 1, "knn_top1": 33.0, "rep_erank": 35.0, "proj_erank": 12.0},
+]
+
+
+@pytest.fixture
+def plot():
+    return method_module("plot")
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """runs/intl and runs/vicreg holding INTL_RECORDS and VICREG_RECORDS, the INTL one with a last line cut short."""
+    for name, records in (("intl", INTL_RECORDS), ("vicreg", VICREG_RECORDS)):
+        os.makedirs(tmp_path / "runs" / name)
+        with open(tmp_path / "runs" / name / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+    with open(tmp_path / "runs" / "intl" / "metrics.jsonl", "a") as f:
+        f.write('{"type": "train", "epoch": 2, "st')
+    return [str(tmp_path / "runs" / name) for name in ("intl", "vicreg")]
+
+
+def test_plot_curves_are_the_logged_numbers_by_epoch_and_step_the_last_written_winning(plot, two_runs, capsys):
+    records = plot.read_records(two_runs[0])
+    assert records == INTL_RECORDS and "left out 1 unreadable line" in capsys.readouterr().out
+    curves = plot.curves(records)
+    assert curves[("eval", "knn_top1")] == ([0, 1], [20.0, 30.0])
+    assert curves[("eval", "linear_top1")] == ([1], [45.0]) and curves[("eval", "proj_erank")] == ([0, 1], [9.0, 20.0])
+    assert curves[("train", "loss")] == ([1, 2], [3.0, 2.4])  # step 2's second record: the resumed run's
+    assert curves[("train", "zhat_erank")] == ([1, 2], [90.0, 96.0]) and curves[("train", "lr")] == ([1, 2], [0.1, 0.2])
+    runs = {"intl": curves, "vicreg": plot.curves(plot.read_records(two_runs[1]))}
+    panels = {title: (x_axis, {label: dict(series) for label, series in lines.items()})
+              for title, x_axis, lines in plot.panels(runs)}
+    assert list(panels) == ["accuracy (%)", "loss", "loss terms", "effective rank", "effective rank, INTL's whitening"]
+    x_axis, accuracy = panels["accuracy (%)"]
+    assert x_axis == "epoch" and list(accuracy["intl"]) == ["online_top1", "knn_top1", "knn5_top1",
+                                                            "knn5_euclidean_top1", "linear_top1"]
+    assert accuracy["vicreg"] == {"knn_top1": ([0, 1], [21.0, 33.0])}
+    assert panels["loss"] == ("step", {"intl": {"loss": ([1, 2], [3.0, 2.4])}, "vicreg": {"loss": ([1], [24.0])}})
+    terms = panels["loss terms"][1]
+    assert list(terms["intl"]) == ["alignment", "trace", "probe"] and terms["intl"]["trace"] == ([1, 2], [40.0, 34.0])
+    assert list(terms["vicreg"]) == ["invariance", "variance", "covariance", "probe"]
+    assert {label: list(series) for label, series in panels["effective rank"][1].items()} == \
+        {"intl": ["rep_erank", "proj_erank"], "vicreg": ["rep_erank", "proj_erank"]}
+    assert panels["effective rank, INTL's whitening"] == \
+        ("step", {"intl": {"z_erank": ([1, 2], [4.0, 6.0]), "zhat_erank": ([1, 2], [90.0, 96.0])}, "vicreg": {}})
+
+
+def test_plot_draws_one_png_with_a_line_per_run_and_series_in_each_panel(plot, two_runs, tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with matplotlib (requirements.txt)")
+    runs = {label: plot.curves(plot.read_records(run)) for label, run in zip(("intl", "vicreg"), two_runs)}
+    panels = plot.panels(runs)
+    figure = plot.draw(panels, list(runs), str(tmp_path / "direct.png"))
+    counts = [len(ax.get_lines()) for ax in figure.axes if ax.has_data()]
+    assert counts == [5 + 1, 1 + 1, 3 + 4, 2 + 2, 2 + 0]  # per panel: INTL's series + VICReg's
+    assert [ax.get_yscale() for ax in figure.axes if ax.has_data()] == ["linear"] + ["log"] * 4
+    first = figure.axes[0].get_lines()[1]  # INTL's knn_top1
+    assert list(first.get_xdata()) == [0, 1] and list(first.get_ydata()) == [20.0, 30.0]
+    result = run_script("plot.py", *two_runs, "--labels", "INTL", "VICReg", "--out", "figures/curves.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote figures/curves.png: accuracy (%), loss, loss terms, effective rank" in result.stdout
+    png = (tmp_path / "figures" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+def test_plot_bad_input_and_a_missing_matplotlib_end_in_one_line(plot, two_runs, tmp_path, monkeypatch, capsys):
+    not_a_run = tmp_path / "not_a_run"
+    os.makedirs(not_a_run)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails, as when it is not installed
+    for argv, message in (([two_runs[0], str(not_a_run)], f"{not_a_run} holds no metrics.jsonl; pass run folders"),
+                          ([two_runs[0], two_runs[0]], "2 runs need 2 different labels (--labels)"),
+                          ([two_runs[0], "--labels", "a", "b"], "1 runs need 1 different labels"),
+                          (two_runs, "plot.py draws with matplotlib (")):
+        with pytest.raises(SystemExit) as exit_info:
+            plot.main(plot.parse_args(argv))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert err.strip().endswith(": pip install matplotlib") and not os.path.exists(tmp_path / "curves.png")
+
 
 # ----------------------------------------------------------------------------------------------
 # synthetic.py

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import common
-from conftest import TINY_RUN, method_module, run_script
+from conftest import TINY_RUN, method_module, run_script, write_image_folder, write_unlabelled_tree
 
 tensor_pipeline = pytest.importorskip("tensor_pipeline", reason="tensor_pipeline.py is not beside common.py")
 
@@ -227,9 +227,10 @@ def test_blur_p_reaches_the_views_of_both_pipelines():
     pytest.importorskip("synthetic", reason="synthetic.py is not beside common.py")
     for pipeline in ("tensor", "pil"):
         for blur_p, expected in ((None, 0.5), (0.0, 0.0)):
-            args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=64, image_size=None,
-                                   augmentations="symmetric", batch_size=32, seed=0, device="cpu", num_workers=0,
-                                   pipeline=pipeline, skip_bad_images=False, overlap=False, blur_p=blur_p)
+            args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=64,
+                                   image_size=None, augmentations="symmetric", batch_size=32, seed=0, device="cpu",
+                                   num_workers=0, pipeline=pipeline, skip_bad_images=False, overlap=False,
+                                   blur_p=blur_p)
             loader = common.build_data(args).train_loader
             if pipeline == "tensor":
                 assert loader.view1.blur_p == loader.view2.blur_p == expected
@@ -285,9 +286,9 @@ def test_overlap_run_trains_to_the_same_losses(tmp_path):
 def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path):
     """Same dataset both ways: the same number of batches, same labels, and the evaluation images
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
-    args = SimpleNamespace(dataset="synthetic", data_dir="unused", synthetic_size=600, image_size=None,
-                           augmentations="asymmetric", batch_size=128, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
+    args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=600,
+                           image_size=None, augmentations="asymmetric", batch_size=128, seed=0, device="cpu",
+                           num_workers=0, pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline, args.image_size = "pil", None
     pil = common.build_data(args)
@@ -308,9 +309,9 @@ def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path
             for i in range(3):
                 pixels = np.random.default_rng(i + 10 * c).integers(0, 256, (40, 40, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / f"class{c}" / f"{i}.png")
-    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), synthetic_size=0, image_size=32,
-                           augmentations="asymmetric", batch_size=2, seed=0, device="cpu", num_workers=0,
-                           pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
+    args = SimpleNamespace(dataset="folder", data_dir=str(tmp_path), eval_data_dir=None, synthetic_size=0,
+                           image_size=32, augmentations="asymmetric", batch_size=2, seed=0, device="cpu",
+                           num_workers=0, pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
     tensor = common.build_data(args)
     args.pipeline = "pil"
     pil = common.build_data(args)
@@ -348,6 +349,34 @@ def test_folder_is_decoded_once_and_cached_beside_the_data_or_in_home(tmp_path, 
     with pytest.raises(SystemExit):
         tensor_pipeline.build_data(source, "tensor", "asymmetric", 2, torch.device("cpu"))
     assert capsys.readouterr().err.startswith("error: --pipeline tensor needs the dataset in memory")
+
+
+def test_an_unlabelled_folder_is_decoded_once_at_any_depth_and_evaluated_on_eval_data_dir(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A folder without train/ (README: Your own images): its images at any depth, in torchvision's order, label -1,
+    cached in DIR/.cache; the pretraining loader is theirs and, with --eval-data-dir, the eval loaders the labelled
+    folder's; without it no test loader (no kNN, no probes), the clean images of the training loader theirs."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    paths = write_unlabelled_tree(str(tmp_path / "photos"))
+    images, labels, classes = tensor_pipeline.folder_arrays(str(tmp_path / "photos"), "pretrain")
+    assert np.array_equal(images, np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths]))
+    assert labels.tolist() == [-1] * 64 and classes == []
+    assert [p.name for p in (tmp_path / "photos" / ".cache").iterdir()][0].startswith("photos-uint8-")
+    write_image_folder(str(tmp_path / "labelled"), classes=2, train_per_class=4, test_per_class=3)
+    for eval_dir in (None, str(tmp_path / "labelled")):
+        source = common.dataset_source("folder", str(tmp_path / "photos"), eval_data_dir=eval_dir)
+        data = tensor_pipeline.build_data(source, "tensor", "asymmetric", 16, torch.device("cpu"))
+        assert data.train_loader.images.shape == (64, 3, 32, 32) and set(data.train_loader.labels.tolist()) == {-1}
+        assert not data.pretrain_labels
+        if eval_dir is None:
+            assert data.eval_test_loader is None and data.num_classes == 1
+            assert data.eval_train_loader.images is data.train_loader.images  # one copy of the images
+        else:
+            assert (len(data.eval_train_loader.images), len(data.eval_test_loader.images)) == (8, 6)
+            assert data.num_classes == 2
+            assert data.eval_test_loader.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with mock.patch.object(tensor_pipeline, "read_image", side_effect=AssertionError("decoded again")):
+        tensor_pipeline.folder_arrays(str(tmp_path / "photos"), "pretrain")
 
 
 def test_folder_cache_goes_to_home_when_the_data_is_read_only(tmp_path, monkeypatch):
