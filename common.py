@@ -5,6 +5,7 @@
 # ImageFolder tree or torchvision's datasets. Optional modules beside it add speed, an offline data
 # set and torchrun: tensor_pipeline.py (batched augmentation on the GPU), synthetic.py, distributed.py.
 import argparse
+import atexit
 import collections
 import contextlib
 import itertools
@@ -956,13 +957,15 @@ def epoch_batches(train_loader, seed, epoch, global_step):
 # ---- The run folder and checkpoints: each file written whole, or not at all ----------------------
 def claim_run_folder(args, is_main=True):
     """The run's folder: a resumed run's own, or a new one. The process that saves creates a new one here, in one
-    step that fails if it exists (os.makedirs), so a run never writes into another's, even one started at once."""
+    step that fails if it exists (os.makedirs), so a run never writes into another's, even one started at once;
+    a run that ends before writing into it (bad data, say) removes it again, so its name stays free."""
     if args.resume:
         return os.path.dirname(os.path.abspath(args.resume))
     run_dir = os.path.join(args.out_dir, args.run_name)
     try:
         if is_main:
             os.makedirs(run_dir)
+            atexit.register(lambda: os.path.isdir(run_dir) and not os.listdir(run_dir) and os.rmdir(run_dir))
     except FileExistsError:
         if os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
             die(f"{run_dir} holds a run already; continue it with `python {args.method}.py --resume "
@@ -1060,7 +1063,8 @@ class Run:
             from torch.utils.tensorboard import SummaryWriter
             self.events = SummaryWriter(run_dir) if is_main else None
         except ImportError:
-            print("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard for event files)")
+            if is_main:
+                print("tensorboard is not installed: metrics.jsonl alone (pip install tensorboard for event files)")
         if is_main and not args.resume:
             atomic_write(os.path.join(run_dir, "args.json"), "w",
                          lambda f: json.dump({**vars(args), "command": " ".join(sys.argv)}, f, indent=2))

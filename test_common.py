@@ -67,16 +67,16 @@ def test_the_cifar_stem_gives_34_px_maps_like_solo_learn_and_intl(arch):
 
 
 def readme_block(heading):
-    """The first indented code block under a README heading, dedented."""
+    """The first indented Python block (from `import`) under a README heading, dedented."""
     lines = open(os.path.join(HERE, "README.md")).read().split(f"\n{heading}\n", 1)[1].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    start = next(i for i, line in enumerate(lines) if line.startswith("    import "))
     end = next(i for i in range(start, len(lines)) if lines[i] and not lines[i].startswith("    "))
     return "\n".join(line[4:] for line in lines[start:end])
 
 
 def test_the_readme_loads_backbone_pt_and_checkpoint_pt_into_torchvision_with_the_runs_features(tmp_path,
                                                                                                 monkeypatch):
-    """README, The backbone elsewhere, run as it is on a ResNet-18 run at 16 px (the CIFAR stem): torchvision's
+    """README, the backbone elsewhere, run as it is on a ResNet-18 run at 16 px (the CIFAR stem): torchvision's
     resnet18 gives build_backbone's features from backbone.pt, and from checkpoint.pt (here changed, so that the two
     files differ) the checkpoint's."""
     simclr = method_module("simclr")
@@ -92,7 +92,7 @@ def test_the_readme_loads_backbone_pt_and_checkpoint_pt_into_torchvision_with_th
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     namespace = {"images": images}
     with torch.no_grad():
-        exec(readme_block("## The backbone elsewhere"), namespace)
+        exec(readme_block("## Your own images, and the backbone elsewhere"), namespace)
         for weights, features in ((torch.load("runs/NAME/backbone.pt", weights_only=True), namespace["features"]),
                                   ({k[9:]: v for k, v in checkpoint["model"].items() if k.startswith("backbone.")},
                                    namespace["backbone"](images))):
@@ -1005,6 +1005,9 @@ def test_a_run_folder_is_never_overwritten(simclr, earlier_run, tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == \
         "error: runs/empty exists already; choose another --run-name (or delete runs/empty)"
     assert os.listdir(tmp_path / "runs" / "empty") == []
+    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--run-name", "bad",
+                        cwd=tmp_path)  # a run that stops before writing anything leaves its name free
+    assert result.returncode == 2 and "no image folder" in result.stderr and not (tmp_path / "runs" / "bad").exists()
 
 
 def claim_when_all_are_ready(barrier, args, codes, i):
