@@ -642,6 +642,9 @@ def parse_run_args(parser, argv, method, recipes, offline_check):
             args.warmup_epochs = min(args.warmup_epochs, args.epochs // 10)
         if "eval_every" not in given:
             args.eval_every = max(1, args.epochs // 10)
+        views = len(AUGMENTATION_RECIPES[args.augmentations])
+        if views > 2 and all(recipe.get("augmentations") != args.augmentations for recipe in recipes.values()):
+            die(f"--augmentations {args.augmentations} makes {views} views; {method}.py trains on two")
         if args.ortho == "none" and args.ortho_weight:
             die(f"--ortho-weight {args.ortho_weight:g} has no effect without --ortho so or --ortho srip")
         args.ortho_weight = ORTHO_WEIGHTS[args.ortho] if args.ortho_weight is None else args.ortho_weight

@@ -82,6 +82,13 @@ def test_the_imagenet100_recipe_is_pinned_to_its_source():
     assert {name: getattr(args, name) for name in PINNED_IMAGENET100} == PINNED_IMAGENET100
 
 
+def test_multi_crop_views_are_intls_and_refused_here_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        simclr.parse_args(["--augmentations", "multicrop", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --augmentations multicrop makes 6 views; simclr.py trains on two\n"
+
+
 def test_the_offline_check_trains_the_convnet_without_blur_and_flags_still_win():
     """Blur erases the synthetic textures at 32 px (RESULTS.md §12); the CIFAR recipe keeps solo-learn's 0.5."""
     args = simclr.parse_args(["--dataset", "synthetic"])
