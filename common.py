@@ -496,7 +496,8 @@ def evaluate(model, data, device, linear=False):
 
 # ---- Flags ---------------------------------------------------------------------------------------
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
-RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "log_every", "skip_bad_images")
+RESUME_OVERRIDABLE = ("device", "num_workers", "data_dir", "eval_data_dir", "log_every", "skip_bad_images")
+OVERRIDABLE_FLAGS = ", ".join(f"--{name.replace('_', '-')}" for name in RESUME_OVERRIDABLE)
 
 
 def die(message, code=2):
@@ -600,8 +601,8 @@ def add_common_args(parser):
     add("--log-every", type=positive_int, default=50, help="progress line every N steps (default: %(default)s)")
     add("--out-dir", default="runs", help="parent folder of run folders (default: %(default)s)")
     add("--run-name", help="run folder name, a new one (default: method-dataset-arch-seed-time)")
-    add("--resume", metavar="PATH", help="continue from a checkpoint.pt with its arguments (only --device, "
-        "--num-workers, --data-dir, --log-every and --skip-bad-images may change)")
+    add("--resume", metavar="PATH", help="continue from a checkpoint.pt with its arguments (only "
+        f"{OVERRIDABLE_FLAGS} may change)")
     add = parser.add_argument_group("orthogonality regularization (He, Du, Ma, NeurIPS 2024)").add_argument
     add("--ortho", choices=ORTHO_KINDS, default="none", help="penalty on the backbone's conv and linear weights: "
         "so = soft orthogonality, srip = spectral norm of W^T W - I (default: %(default)s)")
@@ -626,8 +627,8 @@ def parse_run_args(parser, argv, method, recipes, offline_check):
     if args.resume:
         refused = sorted("--" + k.replace("_", "-") for k in given - {"resume", *RESUME_OVERRIDABLE})
         if refused:
-            die(f"--resume continues a run with its stored arguments; only --device, --num-workers, --data-dir, "
-                f"--log-every and --skip-bad-images may change, not {', '.join(refused)}")
+            die(f"--resume continues a run with its stored arguments; only {OVERRIDABLE_FLAGS} may change, not "
+                f"{', '.join(refused)}")
         stored = load_checkpoint(args.resume)
         if stored.get("method") != method:
             die(f"{args.resume} is " + (f"a {stored['method']}.py checkpoint; resume it with that script" if "method"

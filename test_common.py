@@ -929,12 +929,18 @@ def test_resume_keeps_stored_arguments_and_refuses_changed_ones(simclr, tmp_path
     args = simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--log-every=3"])
     assert (args.data_dir, args.log_every, args.synthetic_size, args.epochs, args.eval_every) == \
         ("somewhere", 3, 256, 1, 5)
+    moved = simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--data-dir", "moved", "--eval-data-dir", "labels"])
+    assert (moved.data_dir, moved.eval_data_dir, moved.log_every) == ("moved", "labels", 1)  # the data moved
     assert (args.image_size, args.pipeline, args.precision) == (32, "tensor", "fp32")  # resolved when it started
     capsys.readouterr()
     for argv, message in ((["--epochs", "9"], "not --epochs"), (["--eval-every=2"], "not --eval-every")):
         with pytest.raises(SystemExit):
             simclr.parse_args(["--resume", "runs/a/checkpoint.pt", *argv])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        simclr.parse_args(["--resume", "runs/a/checkpoint.pt", "--seed", "1"])
+    assert ("only --device, --num-workers, --data-dir, --eval-data-dir, --log-every, --skip-bad-images may change, "
+            "not --seed") in capsys.readouterr().err
     for path, message in (("runs/a/backbone.pt", "not a training checkpoint"), ("runs/a/nothing.pt", "no checkpoint")):
         with pytest.raises(SystemExit):
             simclr.parse_args(["--resume", path])
