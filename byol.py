@@ -12,16 +12,15 @@ Defaults are solo-learn's CIFAR configuration behind 92.58% linear top-1 (ResNet
 """
 import argparse
 import copy
-import math
 
 import torch
 import torch.nn as nn
 
 from common import (
     Bounded, OrthogonalityRegularizer, Run, add_common_args, add_recipe_args, autocast, build_backbone, build_data,
-    build_optimizer, claim_run_folder, epoch_batches, evaluate, online_probe_loss, optimizer_step, parse_run_args,
-    positive_int, prepare_model, projection_mlp, resume, seed_everything, set_lr, start_processes, stop_safely,
-    sync_batch_norm, warmup_cosine,
+    build_optimizer, claim_run_folder, ema_momentum, ema_update, epoch_batches, evaluate, online_probe_loss,
+    optimizer_step, parse_run_args, positive_int, prepare_model, projection_mlp, resume, seed_everything, set_lr,
+    start_processes, stop_safely, sync_batch_norm, warmup_cosine,
 )
 
 METHOD = "byol"
@@ -64,23 +63,6 @@ def byol_loss(p, z):
     torchrun, N is this process's share: averaged over the processes, the loss of the global batch."""
     cosine = (nn.functional.normalize(p, dim=1) * nn.functional.normalize(z.detach(), dim=1)).sum(dim=1)  # (N,)
     return (2 - 2 * cosine).mean()
-
-
-# ALGO LOGIC: target network
-def target_tau(step, total_steps, tau_base=0.99):
-    """EMA rate after optimiser step `step` (from 0), section 3.3 of the paper:
-    tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, from tau_base at k = 0 to 1 at k = K."""
-    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-@torch.no_grad()
-def ema_update(target, online, tau):
-    """target <- tau * target + (1 - tau) * online, parameter by parameter (eq. 1 of the paper).
-    Only parameters are averaged: BatchNorm running statistics are buffers, and the target keeps
-    its own, updated from the batches it sees in train mode (it normalises with batch statistics
-    during training, as in the reference code)."""
-    for target_param, online_param in zip(target.parameters(), online.parameters()):
-        target_param.lerp_(online_param, 1 - tau)
 
 
 def main(args):
@@ -142,7 +124,7 @@ def main(args):
                 # range [0, 4], as in the run behind 92.58% (solo-learn fca55e3 solo/methods/byol.py;
                 # it sums since 365f2aa)
                 ssl_loss = (byol_loss(p1.float(), target_z2.float()) + byol_loss(p2.float(), target_z1.float())) / 2
-                tau = target_tau(global_step, total_steps, args.tau_base)
+                tau = ema_momentum(global_step, total_steps, args.tau_base)     # the target's EMA rate: --tau-base -> 1
                 terms = {"loss": ssl_loss, "tau": tau}                           # logged every --log-every steps
 
                 # TRY NOT TO MODIFY: online probe (detached features), orthogonality penalty, optimiser step, logging

@@ -70,6 +70,22 @@ def projection_mlp(dims, batch_norm=True, hidden_bias=True):
     return nn.Sequential(*layers)
 
 
+# ---- Target networks: a moving average of the online network (BYOL; INTL's --ema, the authors' intl_m) ---------
+def ema_momentum(step, total_steps, base):
+    """The target's momentum after optimiser step k (from 0): m = 1 - (1 - base) (1 + cos(pi k / K)) / 2, from base
+    at k = 0 to 1 at k = K (BYOL, section 3.3 of the paper; INTL 0aa69af main.py)."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m target + (1 - m) online, parameter by parameter (BYOL eq. 1; INTL methods/intl_m.py). Only
+    parameters are averaged: BatchNorm running statistics are buffers, and the target keeps its own, updated from
+    the batches it sees in train mode (it normalises with batch statistics during training, as the reference codes)."""
+    for target_param, online_param in zip(target.parameters(), online.parameters()):
+        target_param.lerp_(online_param, 1 - m)
+
+
 # ---- Augmentation recipes: two views of every image (or more), each with its own random draws ---------
 def view_transform(crop_size, mean, std, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
                    saturation=0.2, hue=0.1, jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0,

@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from common import (
     Bounded, OrthogonalityRegularizer, Run, add_common_args, add_recipe_args, autocast, build_backbone, build_data,
-    build_optimizer, claim_run_folder, effective_rank, epoch_batches, evaluate, gather, online_probe_loss,
-    optimizer_step, parse_run_args, positive_int, prepare_model, projection_mlp, resume, seed_everything, set_lr,
-    start_processes, stop_safely, sync_batch_norm, warmup_cosine,
+    build_optimizer, claim_run_folder, effective_rank, ema_momentum, ema_update, epoch_batches, evaluate, gather,
+    online_probe_loss, optimizer_step, parse_run_args, positive_int, prepare_model, projection_mlp, resume,
+    seed_everything, set_lr, start_processes, stop_safely, sync_batch_norm, warmup_cosine,
 )
 
 METHOD = "intl"
@@ -114,18 +114,21 @@ def trace_loss(z_hat, axis=0):
     return ((1 - variance) ** 2).sum()
 
 
+def trace_weight(n, d, axis=0):
+    """The authors' beta, the trace loss's weight: 0.01 (log2(N) - 3) for axis 0 (0.05 at batch 256), 0.01 (log2(D) - 3)
+    for axis 1; N, D: the (global) batch and the embedding's width."""
+    return 0.01 * (math.log2(n if axis == 0 else d) - 3)
+
+
 def intl_loss(z1, z2, iters=4, axis=0, beta=None):
     """The INTL objective: each view whitened on its own, then
         loss = (2 - 2 mean_i cos(z^1_i, z^2_i)) + beta (TL(Z^1) + TL(Z^2))
-    with no stop-gradient. beta defaults to 0.01 (log2(N) - 3) for axis 0 (0.05 at batch 256) and
-    0.01 (log2(D) - 3) for axis 1, the authors' rule. z1, z2: (N, D) projections;
+    with no stop-gradient. beta defaults to the authors' rule (trace_weight). z1, z2: (N, D) projections;
     returns (loss, the alignment and trace terms detached for logging). Under torchrun, as the
     authors' code, IterNorm whitens the global batch (gathered from every process, gradients flowing
     back: common.gather) and N in beta is the global batch."""
     z1, z2 = gather(z1), gather(z2)                                           # (N, D) each, all processes
-    n, d = z1.shape
-    if beta is None:
-        beta = 0.01 * (math.log2(n if axis == 0 else d) - 3)
+    beta = trace_weight(*z1.shape, axis) if beta is None else beta
     z_hat1, z_hat2 = iter_norm(z1, iters, axis), iter_norm(z2, iters, axis)  # (N, D) each
     cosine = (nn.functional.normalize(z_hat1, dim=1) * nn.functional.normalize(z_hat2, dim=1)).sum(dim=1)  # (N,)
     alignment = 2 - 2 * cosine.mean()
@@ -142,9 +145,7 @@ def multi_view_intl_loss(zs, iters=4, axis=0, beta=None, z_target=None):
         too, its trace loss not counted: loss = mean_i [(2 - 2 mean cos(z^_i, z^_target)) + beta TL(Z^_i)]
     Two views without a target: intl_loss. zs: [(N, D)]; returns (loss, mean alignment and trace, detached)."""
     zs = [gather(z) for z in zs]                                              # [(N, D)], all processes
-    n, d = zs[0].shape
-    if beta is None:
-        beta = 0.01 * (math.log2(n if axis == 0 else d) - 3)
+    beta = trace_weight(*zs[0].shape, axis) if beta is None else beta
     z_hats = [iter_norm(z, iters, axis) for z in zs]                          # [(N, D)]
     if z_target is None:
         anchor, others, anchor_trace = z_hats[0], z_hats[1:], trace_loss(z_hats[0], axis)
@@ -154,20 +155,6 @@ def multi_view_intl_loss(zs, iters=4, axis=0, beta=None, z_target=None):
     alignment = torch.stack([2 - 2 * (unit(z_hat, dim=1) * unit(anchor, dim=1)).sum(dim=1).mean() for z_hat in others])
     trace = torch.stack([trace_loss(z_hat, axis) + anchor_trace for z_hat in others])
     return (alignment + beta * trace).mean(), {"alignment": alignment.mean().detach(), "trace": trace.mean().detach()}
-
-
-# ALGO LOGIC: the EMA target (--ema)
-def ema_momentum(step, total_steps, base=0.996):
-    """m after optimiser step k (from 0), main.py: m = 1 - (1 - base) (1 + cos(pi k / K)) / 2, from base to 1."""
-    return 1 - (1 - base) * (1 + math.cos(math.pi * step / total_steps)) / 2
-
-
-@torch.no_grad()
-def ema_update(target, online, m):
-    """target <- m target + (1 - m) online, parameter by parameter (methods/intl_m.py); BatchNorm statistics are
-    buffers: the target keeps its own."""
-    for target_param, online_param in zip(target.parameters(), online.parameters()):
-        target_param.lerp_(online_param, 1 - m)
 
 
 @torch.no_grad()
@@ -246,7 +233,7 @@ def main(args):
                                                                 args.beta, target)
                 terms = {"loss": ssl_loss, **loss_terms}                         # logged every --log-every steps
                 if args.ema:
-                    terms["ema_m"] = ema_momentum(global_step, total_steps, args.ema_base)
+                    terms["ema_m"] = ema_momentum(global_step, total_steps, args.ema_base)  # --ema-base -> 1
                 if run.log_due(global_step + 1):                                 # watch the spectrum being modulated
                     terms.update(spectrum_stats(gather(zs[0].float()), args.iters, args.axis))  # the global batch
                 h1, h2 = hs[0], hs[1 % len(hs)]                                  # the online probe's two views
@@ -263,7 +250,7 @@ def main(args):
                 run.train_step(epoch, global_step, terms, lr)
                 # ALGO LOGIC: after each optimiser step the EMA target (--ema) moves towards the online network
                 if args.ema:
-                    ema_update(model["target"], online, ema_momentum(global_step - 1, total_steps, args.ema_base))
+                    ema_update(model["target"], online, terms["ema_m"])
                 # TRY NOT TO MODIFY: SIGINT/SIGTERM stop after a whole step; checkpoint.pt every epoch, backbone.pt last
                 run.stop_if_signalled(epoch, global_step)                    # a checkpoint at this step, exit 130/143
             run.end_of_epoch(epoch, global_step)                             # kNN every --eval-every, linear probe last

@@ -44,20 +44,20 @@ def test_ema_update_copies_at_tau_0_freezes_at_tau_1_and_interpolates_between():
     online, target = nn.Linear(5, 3), nn.Linear(5, 3)
     online_params = [p.detach().clone() for p in online.parameters()]
     start = [p.detach().clone() for p in target.parameters()]
-    byol.ema_update(target, online, tau=1.0)
+    byol.ema_update(target, online, 1.0)
     assert all(torch.equal(t, s) for t, s in zip(target.parameters(), start))
-    byol.ema_update(target, online, tau=0.9)
+    byol.ema_update(target, online, 0.9)
     for t, s, o in zip(target.parameters(), start, online_params):
         torch.testing.assert_close(t.detach(), 0.9 * s + 0.1 * o, rtol=0, atol=1e-7)
-    byol.ema_update(target, online, tau=0.0)
+    byol.ema_update(target, online, 0.0)
     assert all(torch.equal(t, o) for t, o in zip(target.parameters(), online_params))
 
 
-def test_target_tau_follows_the_cosine_from_tau_base_to_one():
-    assert byol.target_tau(0, 1000, 0.99) == pytest.approx(0.99)
-    assert byol.target_tau(500, 1000, 0.99) == pytest.approx(0.995)
-    assert byol.target_tau(1000, 1000, 0.99) == pytest.approx(1.0)
-    taus = [byol.target_tau(k, 100, 0.996) for k in range(101)]
+def test_the_ema_rate_tau_follows_the_cosine_from_tau_base_to_one():
+    assert byol.ema_momentum(0, 1000, 0.99) == pytest.approx(0.99)
+    assert byol.ema_momentum(500, 1000, 0.99) == pytest.approx(0.995)
+    assert byol.ema_momentum(1000, 1000, 0.99) == pytest.approx(1.0)
+    taus = [byol.ema_momentum(k, 100, 0.996) for k in range(101)]
     assert all(a < b for a, b in zip(taus, taus[1:]))
 
 
@@ -125,7 +125,7 @@ def test_the_training_step_averages_the_two_directions_and_adds_the_probe_and_th
 def test_the_script_trains_end_to_end_and_the_target_moves_by_ema_only(tiny_run):
     run = tiny_run("byol")
     train, _ = check_end_to_end(run, PINNED_RECIPE["base_lr"], logged_terms=("tau",))
-    assert [r["tau"] for r in train] == pytest.approx([byol.target_tau(k, 8, 0.99) for k in range(8)])
+    assert [r["tau"] for r in train] == pytest.approx([byol.ema_momentum(k, 8, 0.99) for k in range(8)])
     checkpoint = torch.load(run.run_dir / "checkpoint.pt", weights_only=True)
     model = checkpoint["model"]
     online = {k: v for k, v in model.items() if k.startswith(("backbone.", "projector.", "predictor."))}
@@ -143,7 +143,7 @@ def test_a_run_stopped_by_a_signal_mid_epoch_resumes_to_the_same_weights(tmp_pat
     after it: 8 steps straight, then the resumed run's steps 7 and 8."""
     with mock.patch.object(byol, "ema_update", wraps=byol.ema_update) as ema:
         check_signal_resume(byol, tmp_path, monkeypatch, tiny_folder, "tensor", "0", "srip", "SIGTERM")
-    taus = [byol.target_tau(k, 8, 0.99) for k in (*range(8), 6, 7)]
+    taus = [byol.ema_momentum(k, 8, 0.99) for k in (*range(8), 6, 7)]
     assert [call.args[2] for call in ema.call_args_list] == pytest.approx(taus)
 
 

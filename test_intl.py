@@ -246,9 +246,9 @@ def test_multi_view_loss_pairs_every_view_with_view_0_or_with_the_ema_target_as_
 
 def test_the_ema_momentum_rises_from_its_base_to_one_and_the_update_interpolates():
     """main.py: m = 1 - 0.5 (1 + cos(pi k / K)) (1 - cfg.m), k counting optimiser steps."""
-    assert intl.ema_momentum(0, 1000) == pytest.approx(0.996)
-    assert intl.ema_momentum(500, 1000) == pytest.approx(0.998)
-    assert intl.ema_momentum(1000, 1000) == pytest.approx(1.0)
+    assert intl.ema_momentum(0, 1000, 0.996) == pytest.approx(0.996)
+    assert intl.ema_momentum(500, 1000, 0.996) == pytest.approx(0.998)
+    assert intl.ema_momentum(1000, 1000, 0.996) == pytest.approx(1.0)
     assert intl.ema_momentum(250, 1000, 0.99) == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
     online, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in target.parameters()]
@@ -297,7 +297,7 @@ def test_multi_crop_runs_end_to_end_with_either_pairing_and_the_target_moves_by_
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in train)
     assert [r.get("ema_m") is not None for r in train] == [ema] * 4
     if ema:
-        assert [r["ema_m"] for r in train] == pytest.approx([intl.ema_momentum(k, 4) for k in range(4)])
+        assert [r["ema_m"] for r in train] == pytest.approx([intl.ema_momentum(k, 4, 0.996) for k in range(4)])
         model = torch.load(tmp_path / "runs" / "multi" / "checkpoint.pt", weights_only=True)["model"]
         assert {k for k in model if k.startswith("target.")} == \
             {"target." + k for k in model if k.startswith(("backbone.", "projector."))}
