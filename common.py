@@ -326,9 +326,9 @@ def build_optimizer(name, model, lr, weight_decay, probe_lr=None):
                     {"params": [p for p in probe if p.ndim <= 1], "weight_decay": 0.0, "lr_ratio": ratio,
                      "lars": False}]
     if name.startswith("sgd"):
-        excluded = [p for p in params if p.ndim <= 1 and name == "sgd-norms-excluded"]
-        groups = [{"params": [p for p in params if not any(p is q for q in excluded)]},
-                  {"params": excluded, "weight_decay": 0.0}] + [{k: v for k, v in g.items() if k != "lars"}
+        excluded = {p for p in params if p.ndim <= 1 and name == "sgd-norms-excluded"}
+        groups = [{"params": [p for p in params if p not in excluded]},
+                  {"params": [p for p in params if p in excluded], "weight_decay": 0.0}] + [{k: v for k, v in g.items() if k != "lars"}
                                                               for g in probe_groups]
         return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay)
     groups = [{"params": [p for p in params if p.ndim > 1]},
@@ -794,7 +794,6 @@ def left_out(bad, root, skip_bad):
             die(f"{what}; fix or delete {'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to leave them "
                 f"out")
         print(f"skipped: {what}", flush=True)
-    return set(bad)
 
 
 class UnlabelledFolder(torchvision.datasets.ImageFolder):
@@ -826,7 +825,8 @@ def image_folder(data_dir, split, transform, skip_bad=None):
                                                   generator=torch.Generator())
             UNREADABLE[key] = [p for bad in batches for p in bad]
             left_out(UNREADABLE[key], path, skip_bad)
-        dataset.samples = dataset.imgs = [s for s in dataset.samples if s[0] not in set(UNREADABLE[key])]
+        gone = set(UNREADABLE[key])
+        dataset.samples = dataset.imgs = [s for s in dataset.samples if s[0] not in gone]
         dataset.targets = [target for _, target in dataset.samples]
     return dataset
 
