@@ -374,6 +374,12 @@ def optimizer_step(loss, optimizer, scaler):
 EVAL_TRAIN_IMAGES, RANKME_IMAGES = 100_000, 25_600
 
 
+def evenly_spaced(count, limit):
+    """Indices of at most `limit` of `count` items, evenly spaced from the first to the last (every index when count <=
+    limit): an int64 array, in float64 arithmetic, so that both pipelines and evaluate pick the same images."""
+    return np.linspace(0, count - 1, min(count, limit)).astype(np.int64)
+
+
 @torch.no_grad()
 def extract_features(backbone, loader, device):
     """Backbone features of every image in loader, in eval mode, on `device`: (N, F) float32 and (N,) labels."""
@@ -487,8 +493,7 @@ def evaluate(model, data, device, linear=False):
         results["online_top1"] = accuracy(top5[:, 0], test_labels)
         results["online_top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
     projector, was_training = model["projector"], model["projector"].training
-    features = train_features[torch.linspace(0, len(train_features) - 1, min(len(train_features), RANKME_IMAGES),
-                                             device=device).long()]  # (n, F), n <= RANKME_IMAGES
+    features = train_features[torch.from_numpy(evenly_spaced(len(train_features), RANKME_IMAGES)).to(device)]  # (n, F)
     with torch.no_grad():  # projector output of the cached clean features, (n, D)
         z = torch.cat([projector.eval()(h).float() for h in features.split(4096)])
     projector.train(was_training)
@@ -908,8 +913,9 @@ def build_data(args, rank=0, world_size=1):
         "test", clean)
     if len(pretrain_set) < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the {len(pretrain_set)} training images")
-    num_classes, spaced = len(train_set.classes), np.linspace(0, len(train_set) - 1, EVAL_TRAIN_IMAGES).astype(int)
-    train_set = torch.utils.data.Subset(train_set, spaced.tolist()) if len(train_set) > EVAL_TRAIN_IMAGES else train_set
+    num_classes = len(train_set.classes)
+    if len(train_set) > EVAL_TRAIN_IMAGES:  # kNN and the probes learn from at most EVAL_TRAIN_IMAGES
+        train_set = torch.utils.data.Subset(train_set, evenly_spaced(len(train_set), EVAL_TRAIN_IMAGES).tolist())
     generator = torch.Generator().manual_seed(args.seed)  # the order and every image's seed; set_data_epoch reseeds
     train_loader = torch.utils.data.DataLoader(
         SeededImages(pretrain_set), batch_sampler=GlobalBatches(len(pretrain_set), args.batch_size, rank, world_size,

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (EVAL_TRAIN_IMAGES, Data, blur_kernel_size, die, eval_size, first_image_size, image_folder, left_out,
-                    read_image, recipe_settings)
+from common import (EVAL_TRAIN_IMAGES, Data, blur_kernel_size, die, eval_size, evenly_spaced, first_image_size,
+                    image_folder, left_out, read_image, recipe_settings)
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # a folder split larger than this as uint8 stays on disk (PIL pipeline)
 
@@ -420,10 +420,10 @@ def build_data(source, pipeline, augmentations, batch_size, device, rank=0, worl
     view1, view2 = (BatchedView(mean=mean, std=std, **view) for view in views)
     train_loader = TensorTwoViewLoader(*on_device["pretrain"], view1, view2, batch_size, device, rank, world_size,
                                        overlap)
-    images, labels = on_device["train"]  # kNN and the probes take at most EVAL_TRAIN_IMAGES, evenly spaced
-    spaced = torch.linspace(0, len(images) - 1, min(len(images), EVAL_TRAIN_IMAGES), device=device).long()
-    if len(images) > EVAL_TRAIN_IMAGES:
-        on_device["train"] = (images[spaced], labels[spaced.cpu()])
+    images, labels = on_device["train"]
+    if len(images) > EVAL_TRAIN_IMAGES:  # kNN and the probes learn from at most EVAL_TRAIN_IMAGES, as the PIL pipeline
+        spaced = torch.from_numpy(evenly_spaced(len(images), EVAL_TRAIN_IMAGES))
+        on_device["train"] = (images[spaced.to(device)], labels[spaced])
     eval_loader = lambda split: TensorEvalLoader(*on_device[split], size, mean, std, device)  # noqa: E731
     megabytes = sum(images.nbytes for images, _ in moved.values()) / 2**20
     print(

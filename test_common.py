@@ -202,6 +202,15 @@ def test_the_multi_crop_views_are_intls_imagenet_crops_scaled_to_the_image_size(
         [(3, 64, 64), (3, 64, 64), (3, 55, 55), (3, 46, 46), (3, 37, 37), (3, 27, 27)]
 
 
+def test_evaluation_subsets_are_evenly_spaced_first_to_last_in_exact_integers():
+    """floor(i (N - 1) / (k - 1)) for i < k, in integer arithmetic: every index when N <= k, else the first and
+    the last and k - 2 between (ImageNet's 1,281,167 training images at EVAL_TRAIN_IMAGES, CIFAR at RANKME_IMAGES)."""
+    assert common.evenly_spaced(5, 10).tolist() == [0, 1, 2, 3, 4]
+    assert common.evenly_spaced(11, 3).tolist() == [0, 5, 10]
+    for count, limit in ((1_281_167, common.EVAL_TRAIN_IMAGES), (50_000, common.RANKME_IMAGES)):
+        assert common.evenly_spaced(count, limit).tolist() == [i * (count - 1) // (limit - 1) for i in range(limit)]
+
+
 def test_the_eval_transform_resizes_to_256_and_crops_224_at_imagenet_size_and_keeps_small_images_whole():
     assert [common.eval_size(size) for size in (32, 64, 96, 224, 112)] == [32, 64, 96, 256, 128]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))

@@ -283,6 +283,24 @@ def test_overlap_run_trains_to_the_same_losses(tmp_path):
     assert len(runs[()]) == 4 and runs[()] == runs[("--overlap",)]
 
 
+def test_both_pipelines_evaluate_on_the_same_evenly_spaced_training_images(monkeypatch):
+    """Above EVAL_TRAIN_IMAGES (7 here) kNN and the probes learn from evenly spaced training images: the same ones
+    in both pipelines, images floor(i 599 / 6) of the 600."""
+    for module in (common, tensor_pipeline):
+        monkeypatch.setattr(module, "EVAL_TRAIN_IMAGES", 7)
+    args = SimpleNamespace(dataset="synthetic", data_dir="unused", eval_data_dir=None, synthetic_size=600,
+                           image_size=None, augmentations="asymmetric", batch_size=128, seed=0, device="cpu",
+                           num_workers=0, pipeline="tensor", skip_bad_images=False, overlap=False, blur_p=None)
+    tensor = common.build_data(args)
+    args.pipeline = "pil"
+    pil = common.build_data(args)
+    (xt, yt), (xp, yp) = next(iter(tensor.eval_train_loader)), next(iter(pil.eval_train_loader))
+    labels = pytest.importorskip("synthetic").splits(600)["train"][1]
+    assert yt.tolist() == yp.tolist() == [labels[i * 599 // 6] for i in range(7)]
+    torch.testing.assert_close(xt, xp, rtol=0, atol=1e-5)
+    assert len(tensor.train_loader) == len(pil.train_loader) == 4  # pretraining keeps every image
+
+
 def test_tensor_pipeline_loaders_match_the_pil_pipeline_on_clean_images(tmp_path):
     """Same dataset both ways: the same number of batches, same labels, and the evaluation images
     equal to the PIL eval transform's (synthetic at its size; a 40 px folder resized to 32)."""
