@@ -23,7 +23,7 @@ PANELS = (("accuracy (%)", "eval", "epoch", ACCURACIES),
           ("loss terms", "train", "step", None),
           ("effective rank", "eval", "epoch", ("rep_erank", "proj_erank")),
           ("effective rank, INTL's whitening", "train", "step", ("z_erank", "zhat_erank")))
-NOT_A_LOSS_TERM = {"type", "epoch", "step", "lr", "images_per_s", "tau", "z_erank", "zhat_erank"}  # tau: BYOL's EMA
+NOT_A_LOSS_TERM = {"type", "epoch", "step", "lr", "images_per_s", "tau", "ema_m", "z_erank", "zhat_erank"}  # EMA rates
 
 
 def read_records(run_dir):

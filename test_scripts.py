@@ -114,7 +114,7 @@ def test_every_method_declares_a_full_recipe_and_takes_the_shared_flags_from_com
         assert {k: getattr(args, k) for k in other} == other
 
 
-NOT_NUMBERS = {"data_dir", "eval_data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked where they are used
+NOT_NUMBERS = {"data_dir", "eval_data_dir", "out_dir", "run_name", "resume", "device", "checkpoint"}  # checked in use
 
 
 @pytest.mark.parametrize("script", ["simclr", "byol", "vicreg", "intl", "eval_linear"])
@@ -444,6 +444,17 @@ def test_plot_curves_are_the_logged_numbers_by_epoch_and_step_the_last_written_w
         ("step", {"intl": {"z_erank": ([1, 2], [4.0, 6.0]), "zhat_erank": ([1, 2], [90.0, 96.0])}, "vicreg": {}})
 
 
+def test_plot_leaves_the_targets_ema_rates_out_of_the_loss_terms(plot):
+    """BYOL's tau and INTL's --ema ema_m are the target's momenta, logged beside the loss, not terms of it."""
+    byol = [{"type": "train", "epoch": 1, "step": 1, "loss": 3.0, "tau": 0.99, "probe": 2.3, "lr": 0.1}]
+    intl_ema = [{"type": "train", "epoch": 1, "step": 1, "loss": 2.0, "alignment": 1.5, "trace": 10.0, "ema_m": 0.996,
+                 "z_erank": 4.0, "zhat_erank": 90.0, "probe": 2.3, "lr": 0.1}]
+    panels = {title: lines for title, _, lines in plot.panels({"byol": plot.curves(byol),
+                                                               "intl": plot.curves(intl_ema)})}
+    assert {label: list(series) for label, series in panels["loss terms"].items()} == \
+        {"byol": ["probe"], "intl": ["alignment", "trace", "probe"]}
+
+
 def test_plot_draws_one_png_with_a_line_per_run_and_series_in_each_panel(plot, two_runs, tmp_path):
     pytest.importorskip("matplotlib", reason="plot.py draws with matplotlib (requirements.txt)")
     runs = {label: plot.curves(plot.read_records(run)) for label, run in zip(("intl", "vicreg"), two_runs)}
@@ -720,7 +731,8 @@ def test_smoke_stopped_by_sigterm_ends_the_runs_it_started(smoke, tmp_path):
             "    sleep = 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'\n"
             "    smoke.run_step([sys.executable, '-c', sleep], log, deadline)\n"
             "smoke.check = check\n"
-            "smoke.main(smoke.parse_args(['--out', 'out', '--methods', 'simclr', '--device', 'cpu', '--parallel', '2']))")
+            "smoke.main(smoke.parse_args(['--out', 'out', '--methods', 'simclr', '--device', 'cpu',\n"
+            "                             '--parallel', '2']))")
     driver = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE})
     logs = [tmp_path / "out" / "logs" / f"simclr-{pipeline}-bf16-compile.log" for pipeline in ("tensor", "pil")]
     for _ in range(300):
