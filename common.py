@@ -328,8 +328,8 @@ def build_optimizer(name, model, lr, weight_decay, probe_lr=None):
     if name.startswith("sgd"):
         excluded = {p for p in params if p.ndim <= 1 and name == "sgd-norms-excluded"}
         groups = [{"params": [p for p in params if p not in excluded]},
-                  {"params": [p for p in params if p in excluded], "weight_decay": 0.0}] + [{k: v for k, v in g.items() if k != "lars"}
-                                                              for g in probe_groups]
+                  {"params": [p for p in params if p in excluded], "weight_decay": 0.0}]
+        groups += [{k: v for k, v in g.items() if k != "lars"} for g in probe_groups]
         return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9, weight_decay=weight_decay)
     groups = [{"params": [p for p in params if p.ndim > 1]},
               {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}] + probe_groups
@@ -418,6 +418,14 @@ def accuracy(predictions, labels):
     return (predictions == labels).float().mean().item() * 100
 
 
+@torch.no_grad()
+def top1_top5(classifier, features, labels):
+    """Top-1 and top-5 accuracy in % of a classifier on features (N, F) for labels (N,); top-k of fewer classes."""
+    logits = classifier(features)                                                # (N, classes)
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices                   # (N, 5)
+    return accuracy(top5[:, 0], labels), (top5 == labels[:, None]).any(dim=1).float().mean().item() * 100
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes, epochs=100,
                  batch_size=256, lr=1e-3, weight_decay=1e-6, seed=0):
     """A linear classifier trained on frozen, standardised features (Adam, cosine schedule).
@@ -439,10 +447,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, num_c
             loss.backward()
             optimizer.step()
             step += 1
-    with torch.no_grad():
-        top5 = classifier(test_x).topk(min(5, num_classes), dim=1).indices  # (N, 5)
-    top1 = accuracy(top5[:, 0], test_labels)
-    return top1, (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+    return top1_top5(classifier, test_x, test_labels)
 
 
 def online_probe_loss(probe, features, labels):
@@ -488,10 +493,7 @@ def evaluate(model, data, device, linear=False):
                    "knn5_euclidean_top1": knn(k=5, weighted=False, metric="euclidean"),
                    "eval_train_images": len(train_features)}  # what kNN and the probes learn from
     if labelled and "online_probe" in model and data.pretrain_labels:  # it trains on the pretraining images' labels
-        with torch.no_grad():
-            top5 = model["online_probe"](test_features).topk(min(5, data.num_classes), dim=1).indices
-        results["online_top1"] = accuracy(top5[:, 0], test_labels)
-        results["online_top5"] = (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+        results["online_top1"], results["online_top5"] = top1_top5(model["online_probe"], test_features, test_labels)
     projector, was_training = model["projector"], model["projector"].training
     features = train_features[torch.from_numpy(evenly_spaced(len(train_features), RANKME_IMAGES)).to(device)]  # (n, F)
     with torch.no_grad():  # projector output of the cached clean features, (n, D)

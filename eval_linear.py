@@ -32,7 +32,7 @@ import torchvision.transforms as T
 
 from common import (DATASETS, Bounded, accuracy, atomic_write, build_backbone, dataset_source, die, eval_transform,
                     extract_features, knn_predict, linear_probe, load_checkpoint, loader_kwargs, parse_or_die,
-                    positive_int, resolve_device, seed_everything, set_lr, warmup_cosine)
+                    positive_int, resolve_device, seed_everything, set_lr, top1_top5, warmup_cosine)
 
 
 PROTOCOLS = {"fast": dict(epochs=100, batch_size=256, lr=1e-3), "intl": dict(epochs=500, batch_size=1000, lr=1e-2),
@@ -98,9 +98,7 @@ def intl_linear_probe(train_features, train_labels, test_features, test_labels, 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        top5 = classifier(test_features).topk(min(5, num_classes), dim=1).indices
-    return accuracy(top5[:, 0], test_labels), (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+    return top1_top5(classifier, test_features, test_labels)
 
 
 def load_backbone(path):
@@ -143,9 +141,7 @@ def train_linear_augmented(backbone, feature_dim, train_loader, test_features, t
             optimizer.step()
             step += 1
         print(f"linear epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
-    with torch.no_grad():
-        top5 = classifier(test_features.to(device)).topk(min(5, num_classes), dim=1).indices
-    return accuracy(top5[:, 0], test_labels), (top5 == test_labels[:, None]).any(dim=1).float().mean().item() * 100
+    return top1_top5(classifier, test_features.to(device), test_labels)
 
 
 def main(args):
@@ -168,7 +164,8 @@ def main(args):
     train_set, test_set = source.make("train", clean), source.make("test", clean)
     num_classes = len(train_set.classes)
     if not num_classes:  # a folder of unlabelled images (README: Your own images)
-        die(f"{run.data_dir} holds no labelled images to probe with; pass --data-dir DIR with DIR/{{train,test}}/<class>/*")
+        die(f"{run.data_dir} holds no labelled images to probe with; pass --data-dir DIR with "
+            f"DIR/{{train,test}}/<class>/*")
     loader = lambda dataset, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         dataset, batch_size=args.batch_size if shuffle else 512, shuffle=shuffle,
         **loader_kwargs(run.num_workers, run.device))

@@ -1020,8 +1020,9 @@ def test_a_run_folder_is_never_overwritten(simclr, earlier_run, tmp_path):
     assert result.returncode == 2 and result.stderr.strip() == \
         "error: runs/empty exists already; choose another --run-name (or delete runs/empty)"
     assert os.listdir(tmp_path / "runs" / "empty") == []
-    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--run-name", "bad",
-                        cwd=tmp_path)  # a run that stops before writing anything leaves its name free
+    # a run that stops before writing anything leaves its name free
+    result = run_script("simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"),
+                        "--run-name", "bad", cwd=tmp_path)
     assert result.returncode == 2 and "no image folder" in result.stderr and not (tmp_path / "runs" / "bad").exists()
 
 

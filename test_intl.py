@@ -211,8 +211,9 @@ def test_the_imagenet_recipes_are_pinned_to_their_sources(recipe):
     args = intl.parse_args(["--recipe", recipe, "--data-dir", "IMAGENET", "--device", "cpu"])
     assert {name: getattr(args, name) for name in PINNED_IMAGENET[recipe]} == PINNED_IMAGENET[recipe]
     assert args.eval_every == args.epochs // 10
-    args = intl.parse_args(["--recipe", recipe, "--no-ema", "--zero-init-residual", "--data-dir", "IN", "--device", "cpu"])
-    assert (args.ema, args.zero_init_residual) == (False, True)  # a recipe's switch is a default a flag beats either way
+    args = intl.parse_args(["--recipe", recipe, "--no-ema", "--zero-init-residual", "--data-dir", "IN",
+                            "--device", "cpu"])
+    assert (args.ema, args.zero_init_residual) == (False, True)  # a recipe's switch: a default a flag beats either way
 
 
 def test_multi_view_loss_pairs_every_view_with_view_0_or_with_the_ema_target_as_the_authors_code():
