@@ -185,6 +185,20 @@ def conv_and_linear_weights(module):
     return [m.weight for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
+def probe_and_penalty_numpy(model, features, labels, ortho_weight):
+    """What every method's training step adds to its own loss, restated: the online probe's loss on the features
+    of both views, and ortho_weight times soft orthogonality of the backbone's conv and linear weights."""
+    return (probe_loss_numpy(model["online_probe"], features, labels)
+            + ortho_weight * so_numpy(conv_and_linear_weights(model["backbone"])))
+
+
+@torch.no_grad()
+def two_view_outputs(model, x1, x2):
+    """((h1, h2), (z1, z2)): the backbone's representations and the projector's outputs of both views."""
+    h1, h2 = model["backbone"](x1), model["backbone"](x2)
+    return (h1, h2), (model["projector"](h1), model["projector"](h2))
+
+
 def signal_after(step_function, steps, *signals):
     """A wrapper of a method's optimizer_step that sends this process `signals` (names) after its call number
     `steps`: how the tests stop a run mid-epoch at a known step, from outside the training loop."""

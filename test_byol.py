@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 
 import byol
-from conftest import (check_end_to_end, check_learns_offline, check_signal_resume, conv_and_linear_weights,
-                      first_training_step, folder_run, probe_loss_numpy, so_numpy)
+from conftest import (check_end_to_end, check_learns_offline, check_signal_resume, first_training_step, folder_run,
+                      probe_and_penalty_numpy)
 
 
 def byol_numpy(p, z):
@@ -117,8 +117,7 @@ def test_the_training_step_averages_the_two_directions_and_adds_the_probe_and_th
         target_z1, target_z2 = (model["target"]["projector"](model["target"]["backbone"](x)) for x in (x1, x2))
     as_numpy = lambda t: t.double().numpy()  # noqa: E731
     directions = byol_numpy(as_numpy(p1), as_numpy(target_z2)) + byol_numpy(as_numpy(p2), as_numpy(target_z1))
-    expected = (directions / 2 + probe_loss_numpy(model["online_probe"], (h1, h2), labels)
-                + 0.01 * so_numpy(conv_and_linear_weights(model["backbone"])))
+    expected = directions / 2 + probe_and_penalty_numpy(model, (h1, h2), labels, 0.01)
     assert step.loss == pytest.approx(expected, rel=1e-5)
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import intl
-from conftest import (beside, check_end_to_end, check_learns_offline, check_signal_resume, conv_and_linear_weights,
-                      first_training_step, folder_run, probe_loss_numpy, run_script, so_numpy, write_image_folder)
+from conftest import (beside, check_end_to_end, check_learns_offline, check_signal_resume, first_training_step,
+                      folder_run, probe_and_penalty_numpy, probe_loss_numpy, run_script, two_view_outputs,
+                      write_image_folder)
 
 
 def iter_norm_numpy(z, iters, axis):
@@ -163,14 +164,11 @@ def test_the_training_step_backpropagates_the_intl_objective_plus_the_probe_plus
     step = first_training_step(intl, folder_run(tiny_folder, "--epochs", "1", "--proj-hidden-dim", "64", "--proj-dim",
                                                 "48", "--ortho", "so", "--ortho-weight", "0.01"))
     model, ((x1, x2), labels) = step.model, step.batch
-    with torch.no_grad():
-        h1, h2 = model["backbone"](x1), model["backbone"](x2)
-        z1, z2 = model["projector"](h1), model["projector"](h2)
+    features, (z1, z2) = two_view_outputs(model, x1, x2)
     w1, w2 = (iter_norm_numpy(z.double().numpy(), 4, 0) for z in (z1, z2))
     cosine = np.sum(w1 * w2, axis=1) / np.linalg.norm(w1, axis=1) / np.linalg.norm(w2, axis=1)
     intl_term = 2 - 2 * cosine.mean() + 0.02 * (trace_loss_numpy(w1, 0) + trace_loss_numpy(w2, 0))
-    expected = (intl_term + probe_loss_numpy(model["online_probe"], (h1, h2), labels)
-                + 0.01 * so_numpy(conv_and_linear_weights(model["backbone"])))
+    expected = intl_term + probe_and_penalty_numpy(model, features, labels, 0.01)
     assert step.loss == pytest.approx(expected, rel=1e-4)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import vicreg
-from conftest import (check_end_to_end, check_learns_offline, check_signal_resume, conv_and_linear_weights,
-                      first_training_step, folder_run, probe_loss_numpy, so_numpy)
+from conftest import (check_end_to_end, check_learns_offline, check_signal_resume, first_training_step, folder_run,
+                      probe_and_penalty_numpy, two_view_outputs)
 
 
 def vicreg_official(x, y, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
@@ -121,12 +121,9 @@ def test_the_training_step_backpropagates_eq_6_plus_the_probe_plus_the_weighted_
     step = first_training_step(vicreg, folder_run(tiny_folder, "--epochs", "1", *coefficients, "--proj-hidden-dim",
                                                   "64", "--proj-dim", "48", "--ortho", "so", "--ortho-weight", "0.01"))
     model, ((x1, x2), labels) = step.model, step.batch
-    with torch.no_grad():
-        h1, h2 = model["backbone"](x1), model["backbone"](x2)
-        z1, z2 = model["projector"](h1), model["projector"](h2)
+    features, (z1, z2) = two_view_outputs(model, x1, x2)
     expected = (vicreg_eq6_numpy(z1.double().numpy(), z2.double().numpy(), 2.0, 3.0, 0.5)[0]
-                + probe_loss_numpy(model["online_probe"], (h1, h2), labels)
-                + 0.01 * so_numpy(conv_and_linear_weights(model["backbone"])))
+                + probe_and_penalty_numpy(model, features, labels, 0.01))
     assert step.loss == pytest.approx(expected, rel=1e-5)
 
 
