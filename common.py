@@ -753,9 +753,10 @@ def prepare_model(model, device, compile=None):
     with --compile MODE, every backbone compiled in place (the state dict's names unchanged)."""
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    for name, module in model.named_modules():
-        if compile and name.endswith("backbone"):
-            module.compile(mode=compile)
+    if compile:
+        for name, module in model.named_modules():
+            if name.endswith("backbone"):
+                module.compile(mode=compile)
     return model
 
 
@@ -1121,7 +1122,8 @@ class Run:
         if not all(math.isfinite(v) for v in values.values()):
             die(f"loss is {values} at step {global_step} (epoch {epoch + 1}): training diverged. Lower --base-lr or "
                 f"use --precision fp32; the last checkpoint is kept", code=1)
-        elapsed, now = time.perf_counter() - self.window_start, time.perf_counter()
+        now = time.perf_counter()
+        elapsed = now - self.window_start
         images_per_s = self.window_steps * self.args.batch_size / elapsed
         eta = int((self.total_steps - global_step) * elapsed / self.window_steps)
         eta = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta >= 3600 else f"{eta // 60}m{eta % 60:02d}s"
