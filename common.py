@@ -1,6 +1,6 @@
 # What every method file shares, in the order a reader of a method file needs it: the backbone and
-# heads, the augmentation recipes, the orthogonality penalties, optimisation and evaluation; then,
-# below the PLUMBING banner, flags, data loading, checkpoints and logging. It needs no other file
+# heads, EMA target networks, the augmentation recipes, the orthogonality penalties, optimisation and
+# evaluation; then, below the PLUMBING banner, flags, data loading, checkpoints and logging. It needs no other file
 # from the project: a method file plus this one, copied into another project, train on an
 # ImageFolder tree or torchvision's datasets. Optional modules beside it add speed, an offline data
 # set and torchrun: tensor_pipeline.py (batched augmentation on the GPU), synthetic.py, distributed.py.
